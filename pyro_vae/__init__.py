@@ -1,0 +1,22 @@
+"""pyro_vae: variational auto-encoders in Pyro, and a lab for their gradient estimators."""
+
+from .config import Config, DataConfig, ModelConfig, TrainConfig
+from .data import DATASETS, Dataset, Split, load_dataset, read_idx
+from .errors import CheckpointError, ConfigError, DataError, PyroVAEError, TrainingError
+from .estimators import ESTIMATORS, Estimator
+from .evaluate import elbo_per_image
+from .model import VAE
+from .networks import LIKELIHOODS, Decoder, Encoder, Likelihood
+from .priors import PRIORS, Prior
+from .train import TrainResult, fit, load_run, train
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Config", "DataConfig", "ModelConfig", "TrainConfig",
+    "DATASETS", "Dataset", "Split", "load_dataset", "read_idx",
+    "PyroVAEError", "ConfigError", "DataError", "CheckpointError", "TrainingError",
+    "ESTIMATORS", "Estimator", "elbo_per_image",
+    "VAE", "LIKELIHOODS", "Likelihood", "Encoder", "Decoder", "PRIORS", "Prior",
+    "TrainResult", "fit", "train", "load_run",
+]

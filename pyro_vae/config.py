@@ -1,0 +1,290 @@
+"""Configuration: small dataclasses with defaults, read from and written to TOML.
+
+A config has three sections, ``[data]``, ``[model]`` and ``[train]``, one dataclass each. Every
+field becomes a command-line flag of the same name in kebab case (``latent_dim`` ->
+``--latent-dim``), so adding a field here is all it takes to expose a new option. TOML is parsed
+as data (``tomllib``), never evaluated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+def option(default: Any, help: str, *, choices: Callable[[], list[str]] | list[str] | None = None,
+           check: Callable[[Any], bool] | None = None, need: str = "", cli: bool = True) -> Any:
+    """A dataclass field with the metadata the CLI and the validator read.
+
+    Args:
+        default: default value (a scalar or tuple).
+        help: one-line description shown by ``--help``.
+        choices: the valid values, or a function returning them (for registries filled later).
+        check: predicate a valid value satisfies; ``need`` says in words what it requires.
+        cli: whether to expose the field as a command-line flag.
+    """
+    factory = (lambda: default) if isinstance(default, (list, dict)) else None
+    meta = {"help": help, "choices": choices, "check": check, "need": need, "cli": cli}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _positive(v: Any) -> bool:
+    return v > 0
+
+
+def _non_negative(v: Any) -> bool:
+    return v >= 0
+
+
+def _fraction(v: float) -> bool:
+    return 0.0 <= v < 1.0
+
+
+def _dataset_names() -> list[str]:
+    from .data import DATASETS
+    return sorted(DATASETS)
+
+
+def _prior_names() -> list[str]:
+    from .priors import PRIORS
+    return sorted(PRIORS)
+
+
+def _estimator_names() -> list[str]:
+    from .estimators import ESTIMATORS
+    return sorted(ESTIMATORS)
+
+
+def _likelihood_names() -> list[str]:
+    from .networks import LIKELIHOODS
+    return sorted(LIKELIHOODS)
+
+
+@dataclass
+class DataConfig:
+    """Which images to load and how to turn them into observations x."""
+
+    dataset: str = option("mnist-5k", "dataset name; mnist-5k is embedded and needs no network",
+                          choices=_dataset_names)
+    data_dir: str = option("", "folder with the dataset's IDX files (gzipped or not); for "
+                               "torchvision datasets also the download folder")
+    binarize: str = option("dynamic", "none: grey levels in [0,1]; static: threshold once; "
+                                      "static-sample: one fixed Bernoulli draw; dynamic: a fresh "
+                                      "Bernoulli draw every time an image is seen",
+                           choices=["none", "static", "static-sample", "dynamic"])
+    threshold: float = option(0.5, "pixel threshold for --binarize static",
+                              check=_fraction, need="in [0, 1)")
+    val_fraction: float = option(0.0, "fraction of the training images held out for validation",
+                                 check=_fraction, need="in [0, 1)")
+    train_limit: int = option(0, "use only the first N training images (0: all)",
+                              check=_non_negative, need=">= 0")
+
+
+@dataclass
+class ModelConfig:
+    """The networks, the likelihood p(x|z) and the prior p(z)."""
+
+    arch: str = option("mlp", "network family", choices=["mlp", "conv"])
+    latent_dim: int = option(50, "dimension of z", check=_positive, need="> 0")
+    hidden_dims: list[int] = option([400], "hidden layer sizes of the MLP (encoder; the decoder "
+                                           "mirrors them), or of the conv nets' dense layer",
+                                    check=lambda v: len(v) > 0 and all(h > 0 for h in v),
+                                    need="a non-empty list of positive integers")
+    activation: str = option("softplus", "hidden activation",
+                             choices=["softplus", "relu", "elu", "tanh", "silu", "leaky-relu"])
+    likelihood: str = option("bernoulli", "observation model p(x|z)", choices=_likelihood_names)
+    gaussian_scale: float = option(0.1, "standard deviation of the gaussian likelihood "
+                                        "(its initial value when learned)",
+                                   check=_positive, need="> 0")
+    learn_gaussian_scale: bool = option(False, "learn a per-pixel gaussian scale")
+    prior: str = option("standard-normal", "prior p(z)", choices=_prior_names)
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation: objective, estimator, optimizer, schedule, bookkeeping."""
+
+    estimator: str = option("reparam", "gradient estimator of the ELBO", choices=_estimator_names)
+    num_particles: int = option(1, "samples of z per data point in each gradient estimate",
+                                check=_positive, need="> 0")
+    epochs: int = option(10, "number of passes over the training set", check=_positive,
+                         need="> 0")
+    batch_size: int = option(128, "images per minibatch", check=_positive, need="> 0")
+    lr: float = option(1e-3, "Adam learning rate", check=_positive, need="> 0")
+    seed: int = option(0, "random seed (data order, binarization, z draws, initialisation)")
+    device: str = option("auto", "auto picks cuda when available",
+                         choices=["auto", "cpu", "cuda"])
+    eval_batch_size: int = option(1000, "images per batch when evaluating", check=_positive,
+                                  need="> 0")
+    grad_clip: float = option(0.0, "clip the global gradient norm to this value (0: off)",
+                              check=_non_negative, need=">= 0")
+    max_bad_steps: int = option(10, "stop after this many steps with a non-finite loss or "
+                                    "gradient (each is skipped)", check=_positive, need="> 0")
+    progress: bool = option(True, "show a progress bar")
+
+
+@dataclass
+class Config:
+    """A complete run configuration."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    # -- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], base: Config | None = None) -> Config:
+        """Build a config from nested dicts (as read from TOML) over ``base`` (or defaults).
+
+        Raises:
+            ConfigError: on an unknown section or key, or a value of the wrong type.
+        """
+        cfg = dataclasses.replace(base) if base is not None else cls()
+        sections = {f.name: f for f in dataclasses.fields(cls)}
+        for name, values in d.items():
+            if name not in sections:
+                raise ConfigError(f"unknown config section [{name}]; valid sections: "
+                                  f"{', '.join(sections)}")
+            if not isinstance(values, dict):
+                raise ConfigError(f"config section [{name}] must be a table, got {values!r}")
+            section = dataclasses.replace(getattr(cfg, name))
+            known = {f.name: f for f in dataclasses.fields(section)}
+            for key, value in values.items():
+                if key not in known:
+                    raise ConfigError(f"unknown config key {name}.{key}; valid keys in [{name}]: "
+                                      f"{', '.join(known)}")
+                setattr(section, key, _coerce(f"{name}.{key}", value, known[key]))
+            setattr(cfg, name, section)
+        return cfg
+
+    @classmethod
+    def load(cls, path: str | Path, base: Config | None = None) -> Config:
+        """Read a TOML config file.
+
+        Raises:
+            ConfigError: if the file is missing, is not valid TOML, or has bad keys or values.
+        """
+        path = Path(path)
+        try:
+            with open(path, "rb") as f:
+                raw = tomllib.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+        return cls.from_dict(raw, base)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+    def to_toml(self) -> str:
+        return dump_toml(self.to_dict())
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_toml())
+
+    def validate(self) -> Config:
+        """Check every value and the combinations between them; return self.
+
+        Raises:
+            ConfigError: naming the first bad value.
+        """
+        for section_name in ("data", "model", "train"):
+            section = getattr(self, section_name)
+            for f in dataclasses.fields(section):
+                value = getattr(section, f.name)
+                flag = f"{section_name}.{f.name}"
+                choices = f.metadata.get("choices")
+                if callable(choices):
+                    choices = choices()
+                if choices is not None and value not in choices:
+                    raise ConfigError(f"unknown {f.name.replace('_', ' ')} {value!r} ({flag}); "
+                                      f"choose one of: {', '.join(choices)}")
+                check = f.metadata.get("check")
+                if check is not None and not check(value):
+                    raise ConfigError(f"{flag} = {value!r} is invalid: must be "
+                                      f"{f.metadata['need']}")
+        self._validate_combinations()
+        return self
+
+    def _validate_combinations(self) -> None:
+        from .estimators import ESTIMATORS
+        from .networks import LIKELIHOODS
+        from .priors import PRIORS
+
+        ESTIMATORS[self.train.estimator].check_config(self)
+        LIKELIHOODS[self.model.likelihood].check_config(self)
+        PRIORS[self.model.prior].check_config(self)
+        if self.train.device == "cuda":
+            import torch
+            if not torch.cuda.is_available():
+                raise ConfigError("train.device = 'cuda' but no CUDA device is available; "
+                                  "use --device cpu or auto")
+
+
+def _coerce(name: str, value: Any, f: dataclasses.Field) -> Any:
+    """Check a TOML value against the field's type; ints are accepted for floats."""
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    want = type(default)
+    if want is bool:
+        ok = isinstance(value, bool)
+    elif want is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif want is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if ok:
+            value = float(value)
+            if not math.isfinite(value):
+                raise ConfigError(f"{name} must be a finite number, got {value!r}")
+    elif want is list:
+        ok = isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool)
+                                             for v in value)
+        if ok:
+            value = list(value)
+    else:
+        ok = isinstance(value, want)
+    if not ok:
+        raise ConfigError(f"{name} must be of type {want.__name__}"
+                          f"{' of integers' if want is list else ''}, got {value!r}")
+    return value
+
+
+def dump_toml(d: dict[str, dict[str, Any]]) -> str:
+    """Write a two-level dict of scalars and lists of scalars as TOML."""
+
+    def scalar(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v)
+        if isinstance(v, str):
+            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        if isinstance(v, (list, tuple)):
+            return "[" + ", ".join(scalar(x) for x in v) + "]"
+        raise TypeError(f"cannot write {v!r} as TOML")
+
+    lines: list[str] = []
+    for section, values in d.items():
+        lines.append(f"[{section}]")
+        lines.extend(f"{k} = {scalar(v)}" for k, v in values.items() if v is not None)
+        lines.append("")
+    return "\n".join(lines)
+
+
+def config_fields() -> list[tuple[str, dataclasses.Field]]:
+    """All (section, field) pairs, in declaration order; the CLI builds its flags from these."""
+    return [(s.name, f) for s in dataclasses.fields(Config)
+            for f in dataclasses.fields(s.default_factory())]

@@ -1,0 +1,93 @@
+"""The VAE as a Pyro model p(z) p(x|z) and an amortized guide q(z|x).
+
+The networks return distributions (``networks.py``), the prior is a module returning p(z)
+(``priors.py``) and the estimator decides how the guide samples z (``estimators.py``), so the
+model and guide below read like the maths:
+
+    model:  z_n ~ p(z),            x_n ~ p(x | z_n) = Decoder(z_n)     for n in the minibatch
+    guide:  z_n ~ q(z | x_n) = Encoder(x_n)
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import pyro
+import torch
+from torch import nn
+
+from .estimators import ESTIMATORS, Estimator
+from .networks import build_networks
+from .priors import Prior, build_prior
+
+if TYPE_CHECKING:
+    from .config import Config
+
+
+class VAE(nn.Module):
+    """A variational auto-encoder: encoder, decoder, prior and the estimator's extra modules.
+
+    Args:
+        encoder: ``x -> q(z|x)``, a distribution with event shape ``(latent_dim,)``.
+        decoder: ``z -> p(x|z)``, a distribution with event shape ``(num_pixels,)``.
+        prior: ``() -> p(z)``.
+        estimator: how the guide samples z (default: reparametrized).
+        estimator_modules: trainable modules the estimator's guide options use (baselines).
+    """
+
+    def __init__(self, encoder: nn.Module, decoder: nn.Module, prior: Prior,
+                 estimator: Estimator | None = None,
+                 estimator_modules: dict[str, nn.Module] | None = None):
+        super().__init__()
+        self.encoder = encoder
+        self.decoder = decoder
+        self.prior = prior
+        self.estimator = estimator if estimator is not None else ESTIMATORS["reparam"]
+        self.estimator_modules = nn.ModuleDict(estimator_modules or {})
+
+    @classmethod
+    def from_config(cls, cfg: Config, image_shape: tuple[int, int, int]) -> VAE:
+        """Build the networks, prior and estimator modules that ``cfg`` describes."""
+        encoder, decoder = build_networks(cfg.model, image_shape)
+        prior = build_prior(cfg.model, encoder, image_shape)
+        estimator = ESTIMATORS[cfg.train.estimator]
+        num_pixels = int(torch.Size(image_shape).numel())
+        return cls(encoder, decoder, prior, estimator, estimator.make_modules(cfg, num_pixels))
+
+    @staticmethod
+    def data_plate(x: torch.Tensor, num_data: int | None) -> pyro.plate:
+        # With num_data = N > batch size B, Pyro scales every log-density in the plate by N / B,
+        # so the minibatch ELBO is an unbiased estimate of the full-dataset ELBO.
+        batch = x.shape[0]
+        if num_data is None or num_data == batch:
+            return pyro.plate("data", batch)
+        return pyro.plate("data", num_data, subsample=torch.arange(batch, device=x.device))
+
+    def model(self, x: torch.Tensor, num_data: int | None = None) -> None:
+        """p(z) p(x|z) with x observed; ``num_data`` is the dataset size when x is a minibatch."""
+        pyro.module("decoder", self.decoder)
+        pyro.module("prior", self.prior)
+        with self.data_plate(x, num_data):
+            z = pyro.sample("z", self.prior())
+            pyro.sample("x", self.decoder(z), obs=x)
+
+    def guide(self, x: torch.Tensor, num_data: int | None = None) -> None:
+        """q(z|x), sampled the way the estimator asks."""
+        pyro.module("encoder", self.encoder)
+        if len(self.estimator_modules):
+            pyro.module("estimator", self.estimator_modules)
+        with self.data_plate(x, num_data):
+            q = self.estimator.posterior(self.encoder(x))
+            pyro.sample("z", q, infer=self.estimator.site_infer(self.estimator_modules, x))
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """Mean of p(x | z = E_q[z]): the decoder's mean at the encoder's loc."""
+        return self.decoder(self.encoder(x).mean).mean
+
+    @torch.no_grad()
+    def sample(self, num_samples: int, mean: bool = True) -> torch.Tensor:
+        """Images decoded from prior draws: decoder means (``mean=True``) or draws from p(x|z)."""
+        z = self.prior().sample((num_samples,))
+        px = self.decoder(z)
+        return px.mean if mean else px.sample()

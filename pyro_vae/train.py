@@ -1,0 +1,369 @@
+"""The SVI training loop: minibatches, checkpoints, metrics. No argparse, no plotting.
+
+Each step asks the estimator's Pyro ELBO for a surrogate loss and its gradients
+(``elbo.loss_and_grads(model, guide, x)``, exactly what ``pyro.infer.SVI.step`` does) and
+applies them with a torch Adam over the VAE's parameters. Using a torch optimizer rather than
+``pyro.optim`` keeps one optimizer whose state checkpoints as plain tensors.
+
+Reproducibility: the data order of epoch ``e`` comes from a generator seeded with
+``(seed, e)``; every other random draw (initialisation, dynamic binarization, z) comes from the
+global torch generator, whose state is saved in each checkpoint. A resumed run therefore
+repeats the uninterrupted one exactly on the CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyro
+import torch
+
+from .checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
+from .config import Config
+from .data import Dataset, binarize_batch, load_dataset, prepare_observations
+from .errors import CheckpointError, ConfigError, TrainingError
+from .evaluate import elbo_per_image
+from .estimators import ESTIMATORS
+from .model import VAE
+
+CONFIG_FILE = "config.toml"
+CHECKPOINT_FILE = "checkpoint.pt"
+METRICS_FILE = "metrics.jsonl"
+EVENTS_FILE = "events.jsonl"
+CHECKPOINT_FORMAT = 1
+#: Config keys that may differ between a run and its resumption.
+RESUMABLE_KEYS = {("train", "epochs"), ("train", "progress"), ("train", "device"),
+                  ("train", "max_bad_steps"), ("train", "eval_batch_size")}
+_MODULE_PREFIXES = ("encoder$$$", "decoder$$$", "prior$$$", "estimator$$$")
+
+
+@dataclass
+class TrainResult:
+    """What a training run produced."""
+
+    config: Config
+    vae: VAE
+    dataset: Dataset
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+    run_dir: Path | None = None
+    interrupted: bool = False
+
+
+def pick_device(name: str) -> torch.device:
+    """``auto`` -> cuda when available, else cpu."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device cuda was asked for but no CUDA device is available")
+    return torch.device(name)
+
+
+def epoch_order(num_data: int, seed: int, epoch: int) -> torch.Tensor:
+    """The shuffled order of the training images in ``epoch``: a function of (seed, epoch)."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(num_data, generator=generator)
+
+
+# -- run folders ----------------------------------------------------------------------------------
+def _config_differences(old: Config, new: Config) -> list[str]:
+    a, b = old.to_dict(), new.to_dict()
+    return [f"{s}.{k} ({a[s][k]!r} -> {b[s][k]!r})" for s in a for k in a[s]
+            if (s, k) not in RESUMABLE_KEYS and a[s][k] != b[s].get(k)]
+
+
+def check_run_dir(run_dir: Path, cfg: Config, resume: bool, overwrite: bool) -> None:
+    """Refuse to touch a folder that holds something else, before anything is written.
+
+    Raises:
+        CheckpointError: the folder holds another run (and neither --resume nor --overwrite),
+            or --resume was given for a folder with no checkpoint or a different config.
+    """
+    if resume and overwrite:
+        raise ConfigError("--resume and --overwrite exclude each other")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise CheckpointError(f"output path {run_dir} exists and is not a folder")
+    contents = [p for p in run_dir.iterdir()] if run_dir.is_dir() else []
+    if resume:
+        if not (run_dir / CHECKPOINT_FILE).is_file() or not (run_dir / CONFIG_FILE).is_file():
+            raise CheckpointError(f"cannot resume: {run_dir} holds no {CHECKPOINT_FILE} and "
+                                  f"{CONFIG_FILE}")
+        differences = _config_differences(Config.load(run_dir / CONFIG_FILE), cfg)
+        if differences:
+            raise CheckpointError(f"cannot resume {run_dir} with a different config: "
+                                  f"{'; '.join(differences)}")
+    elif contents and not overwrite:
+        what = "another run" if (run_dir / CONFIG_FILE).exists() else "other files"
+        raise CheckpointError(f"output folder {run_dir} already holds {what}; pass --resume to "
+                              f"continue it, --overwrite to replace it, or choose another --out")
+
+
+# -- the loop -----------------------------------------------------------------------------------
+class _StopRequest:
+    """Turns SIGINT into a flag the loop checks at step boundaries (main thread only)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def __enter__(self) -> _StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def _param_store_extras() -> dict[str, torch.Tensor]:
+    """Param-store entries that are not module parameters (e.g. Pyro's average baselines)."""
+    store = pyro.get_param_store()
+    return {name: store[name].detach().clone() for name in store.keys()
+            if not name.startswith(_MODULE_PREFIXES)}
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Trainer:
+    """Runs SVI on a dataset and keeps the run folder (if any) up to date.
+
+    The trainer only talks to the VAE through ``vae.model`` / ``vae.guide`` and the
+    estimator's ELBO, so any model built from the same pieces trains the same way.
+    """
+
+    def __init__(self, cfg: Config, dataset: Dataset, run_dir: Path | None = None):
+        self.cfg = cfg
+        self.run_dir = run_dir
+        self.device = pick_device(cfg.train.device)
+        data = prepare_observations(dataset, cfg.data, seed=cfg.train.seed)
+        self.dataset = Dataset(data.name, data.image_shape, data.train.to(self.device),
+                               data.test.to(self.device),
+                               data.val.to(self.device) if data.val is not None else None)
+        if cfg.train.batch_size > len(self.dataset.train):
+            raise ConfigError(f"train.batch_size = {cfg.train.batch_size} is larger than the "
+                              f"{len(self.dataset.train)} training images")
+        pyro.clear_param_store()
+        pyro.set_rng_seed(cfg.train.seed)
+        self.vae = VAE.from_config(cfg, dataset.image_shape).to(self.device)
+        self.elbo = ESTIMATORS[cfg.train.estimator].make_elbo(cfg)
+        self.optimizer = torch.optim.Adam(self.vae.parameters(), lr=cfg.train.lr)
+        self.metrics: list[dict[str, Any]] = []
+        # Position in the schedule: epochs finished, batches done in the current epoch.
+        self.epoch, self.batch_in_epoch, self.global_step = 0, 0, 0
+        self._epoch_loss, self._epoch_seconds, self._epoch_bad = 0.0, 0.0, 0
+        self.bad_steps = 0
+
+    # -- checkpoints --------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "config": self.cfg.to_dict(),
+            "image_shape": list(self.dataset.image_shape),
+            "vae": self.vae.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "param_store_extras": _param_store_extras(),
+            "rng": _rng_state(),
+            "position": {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+                         "global_step": self.global_step, "epoch_loss": self._epoch_loss,
+                         "epoch_seconds": self._epoch_seconds, "epoch_bad": self._epoch_bad,
+                         "bad_steps": self.bad_steps},
+            "metrics": [json.dumps(m) for m in self.metrics],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.vae.load_state_dict(state["vae"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        store = pyro.get_param_store()
+        for name, value in state["param_store_extras"].items():
+            store[name] = value.to(self.device)
+        _set_rng_state(state["rng"])
+        pos = state["position"]
+        self.epoch, self.batch_in_epoch, self.global_step = (
+            pos["epoch"], pos["batch_in_epoch"], pos["global_step"])
+        self._epoch_loss, self._epoch_seconds, self._epoch_bad = (
+            pos["epoch_loss"], pos["epoch_seconds"], pos["epoch_bad"])
+        self.bad_steps = pos["bad_steps"]
+        self.metrics = [json.loads(m) for m in state["metrics"]]
+
+    def save(self) -> None:
+        if self.run_dir is not None:
+            save_checkpoint(self.run_dir / CHECKPOINT_FILE, self.state_dict())
+
+    def resume(self) -> None:
+        """Load the run folder's checkpoint; rewrite metrics.jsonl to match it."""
+        assert self.run_dir is not None
+        self.load_state_dict(load_checkpoint(self.run_dir / CHECKPOINT_FILE, self.device))
+        # A crash between appending a metrics line and saving the checkpoint would otherwise
+        # leave a line for an epoch that is about to be run again.
+        atomic_write_text(self.run_dir / METRICS_FILE,
+                          "".join(json.dumps(m) + "\n" for m in self.metrics))
+
+    # -- training -----------------------------------------------------------------------------
+    def _log_event(self, event: dict[str, Any]) -> None:
+        if self.run_dir is not None:
+            with open(self.run_dir / EVENTS_FILE, "a") as f:
+                f.write(json.dumps(event) + "\n")
+
+    def step(self, x: torch.Tensor) -> float | None:
+        """One SVI step on minibatch ``x``; returns the loss, or None if it was skipped."""
+        num_data = len(self.dataset.train)
+        loss = self.elbo.loss_and_grads(self.vae.model, self.vae.guide, x, num_data=num_data)
+        params = [p for p in self.vae.parameters() if p.grad is not None]
+        clip = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip) if params else torch.zeros(())
+        if not (math.isfinite(loss) and torch.isfinite(grad_norm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.bad_steps += 1
+            self._epoch_bad += 1
+            self._log_event({"event": "non-finite", "step": self.global_step,
+                             "epoch": self.epoch + 1, "loss": repr(loss),
+                             "grad_norm": repr(float(grad_norm))})
+            if self.bad_steps >= self.cfg.train.max_bad_steps:
+                raise TrainingError(
+                    f"stopped after {self.bad_steps} steps with a non-finite loss or gradient "
+                    f"(last at step {self.global_step}); the last good checkpoint is kept. "
+                    f"Try a lower --lr, --grad-clip, or a reparametrized estimator")
+            return None
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss / num_data
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Per-image ELBO (nats) on the test split and, if present, the validation split."""
+        out = {"test_elbo": elbo_per_image(self.vae, self.dataset.test.images,
+                                           self.cfg.train.eval_batch_size)}
+        if self.dataset.val is not None:
+            out["val_elbo"] = elbo_per_image(self.vae, self.dataset.val.images,
+                                             self.cfg.train.eval_batch_size)
+        return out
+
+    def run(self, stop: _StopRequest | None = None) -> bool:
+        """Train until ``cfg.train.epochs``; returns False if interrupted by a stop request."""
+        from tqdm.auto import tqdm
+
+        train = self.dataset.train.images
+        batch, n = self.cfg.train.batch_size, len(train)
+        num_batches = n // batch  # the last partial batch is dropped: every step sees B images
+        mode = self.cfg.data.binarize
+        while self.epoch < self.cfg.train.epochs:
+            order = epoch_order(n, self.cfg.train.seed, self.epoch).to(self.device)
+            start = time.perf_counter()
+            bar = tqdm(total=num_batches, initial=self.batch_in_epoch, leave=False,
+                       desc=f"epoch {self.epoch + 1}/{self.cfg.train.epochs}",
+                       disable=not self.cfg.train.progress)
+            while self.batch_in_epoch < num_batches:
+                if stop is not None and stop.requested:
+                    self._epoch_seconds += time.perf_counter() - start
+                    bar.close()
+                    return False
+                idx = order[self.batch_in_epoch * batch:(self.batch_in_epoch + 1) * batch]
+                loss = self.step(binarize_batch(train[idx], mode))
+                self.global_step += 1
+                self.batch_in_epoch += 1
+                if loss is not None:
+                    self._epoch_loss += loss
+                    bar.set_postfix(elbo=f"{-loss:.2f}", refresh=False)
+                bar.update()
+            bar.close()
+            good = num_batches - self._epoch_bad
+            record = {"epoch": self.epoch + 1, "step": self.global_step,
+                      "train_elbo": -self._epoch_loss / max(good, 1), **self.evaluate(),
+                      "seconds": self._epoch_seconds + time.perf_counter() - start,
+                      "bad_steps": self._epoch_bad}
+            self.metrics.append(record)
+            self.epoch += 1
+            self.batch_in_epoch, self._epoch_loss, self._epoch_seconds, self._epoch_bad = 0, 0.0, 0.0, 0
+            if self.run_dir is not None:
+                with open(self.run_dir / METRICS_FILE, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            self.save()
+        return True
+
+
+def fit(config: Config, run_dir: str | Path | None = None, *, resume: bool = False,
+        overwrite: bool = False, dataset: Dataset | None = None) -> TrainResult:
+    """Train a VAE with SVI; keep ``run_dir`` (if given) updated with metrics and checkpoints.
+
+    Everything the user can get wrong (config values, the run folder, the data) is checked
+    before anything is written.
+
+    Args:
+        config: the run's configuration (validated here).
+        run_dir: output folder for config.toml, metrics.jsonl and checkpoint.pt, or None.
+        resume: continue the run saved in ``run_dir``.
+        overwrite: replace a run already in ``run_dir``.
+        dataset: use these images instead of loading ``config.data`` (tests, notebooks).
+    """
+    config.validate()
+    run_dir = Path(run_dir) if run_dir is not None else None
+    if run_dir is not None:
+        check_run_dir(run_dir, config, resume, overwrite)
+    if dataset is None:
+        dataset = load_dataset(config.data)
+    trainer = Trainer(config, dataset, run_dir)
+    if run_dir is not None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if resume:
+            trainer.resume()
+        else:
+            for name in (METRICS_FILE, EVENTS_FILE, CHECKPOINT_FILE):
+                (run_dir / name).unlink(missing_ok=True)
+        atomic_write_text(run_dir / CONFIG_FILE, config.to_toml())
+    with _StopRequest() as stop:
+        finished = trainer.run(stop)
+    if not finished:
+        trainer.save()
+    return TrainResult(config, trainer.vae, trainer.dataset, trainer.metrics, run_dir,
+                       interrupted=not finished)
+
+
+def train(config: Config, run_dir: str | Path | None = None, *, resume: bool = False,
+          overwrite: bool = False, dataset: Dataset | None = None,
+          figures: bool = True) -> TrainResult:
+    """:func:`fit`, then write loss_curve.png, samples.png and reconstructions.png to run_dir."""
+    result = fit(config, run_dir, resume=resume, overwrite=overwrite, dataset=dataset)
+    if figures and result.run_dir is not None and not result.interrupted:
+        from .plots import write_run_figures
+
+        write_run_figures(result)
+    return result
+
+
+def load_run(run_dir: str | Path, device: str = "cpu") -> tuple[Config, VAE, dict[str, Any]]:
+    """Rebuild the trained VAE of a run folder from its checkpoint.
+
+    Returns:
+        (config, vae in eval mode, the checkpoint's state dict).
+    """
+    run_dir = Path(run_dir)
+    if not (run_dir / CONFIG_FILE).is_file():
+        raise CheckpointError(f"{run_dir} is not a run folder (no {CONFIG_FILE})")
+    state = load_checkpoint(run_dir / CHECKPOINT_FILE, device)
+    cfg = Config.from_dict(state["config"]).validate()
+    vae = VAE.from_config(cfg, tuple(state["image_shape"])).to(device)
+    vae.load_state_dict(state["vae"])
+    return cfg, vae.eval(), state

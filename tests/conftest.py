@@ -1,0 +1,56 @@
+"""Every test starts from an empty param store, a fixed seed and Pyro's validation on."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyro
+import pytest
+import torch
+
+from pyro_vae import Config, Dataset, Split
+
+#: The real MNIST test split that CI places beside the clone; absent in a user's clone.
+SHARED_MNIST = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "MNIST" / "raw"
+
+
+@pytest.fixture(autouse=True)
+def _fresh_pyro():
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    pyro.enable_validation(True)
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    yield
+    pyro.clear_param_store()
+
+
+@pytest.fixture(scope="session")
+def mnist5k_grey() -> Dataset:
+    """The embedded real MNIST subset (4,000 train / 1,000 test), grey levels in [0, 1]."""
+    from pyro_vae import load_dataset
+    from pyro_vae.config import DataConfig
+
+    return load_dataset(DataConfig(dataset="mnist-5k"))
+
+
+def small_dataset(num_train: int = 256, num_test: int = 64, side: int = 28,
+                  seed: int = 0) -> Dataset:
+    """Random grey images for tests that only need shapes to be right."""
+    g = torch.Generator().manual_seed(seed)
+    d = side * side
+    return Dataset("random", (1, side, side),
+                   Split(torch.rand(num_train, d, generator=g), torch.zeros(num_train, dtype=torch.long)),
+                   Split(torch.rand(num_test, d, generator=g), torch.zeros(num_test, dtype=torch.long)))
+
+
+def tiny_config(**train) -> Config:
+    """A small, fast configuration: 784-64-8, a few epochs, no progress bar."""
+    cfg = Config()
+    cfg.model.hidden_dims = [64]
+    cfg.model.latent_dim = 8
+    cfg.train.epochs = 2
+    cfg.train.batch_size = 64
+    cfg.train.progress = False
+    for key, value in train.items():
+        setattr(cfg.train, key, value)
+    return cfg
