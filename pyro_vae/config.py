@@ -111,6 +111,15 @@ class ModelConfig:
                                    check=_positive, need="> 0")
     learn_gaussian_scale: bool = option(False, "learn a per-pixel gaussian scale")
     prior: str = option("standard-normal", "prior p(z)", choices=_prior_names)
+    prior_components: int = option(50, "mixture components of --prior mixture; pseudo-inputs of "
+                                       "--prior vamp", check=_positive, need="> 0")
+    prior_flow_depth: int = option(2, "autoregressive layers of --prior flow", check=_positive,
+                                   need="> 0")
+    prior_flow_hidden: int = option(0, "hidden units of each --prior flow layer's network "
+                                       "(0: 3 * latent_dim + 1)", check=_non_negative,
+                                    need=">= 0")
+    prior_df: float = option(3.0, "degrees of freedom of --prior student-t", check=_positive,
+                             need="> 0")
 
 
 @dataclass
