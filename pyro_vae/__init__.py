@@ -4,7 +4,16 @@ from .config import Config, DataConfig, ModelConfig, TrainConfig
 from .data import DATASETS, Dataset, Split, load_dataset, read_idx
 from .errors import CheckpointError, ConfigError, DataError, PyroVAEError, TrainingError
 from .estimators import ESTIMATORS, Estimator
-from .evaluate import elbo_per_image
+from .evaluate import (
+                       ElboTerms,
+                       LogLikelihood,
+                       active_units,
+                       anomaly_scores,
+                       elbo_per_image,
+                       elbo_terms,
+                       importance_log_likelihood,
+                       log_likelihood,
+)
 from .model import VAE
 from .networks import LIKELIHOODS, Decoder, Encoder, Likelihood
 from .priors import PRIORS, Prior
@@ -17,6 +26,8 @@ __all__ = [
     "DATASETS", "Dataset", "Split", "load_dataset", "read_idx",
     "PyroVAEError", "ConfigError", "DataError", "CheckpointError", "TrainingError",
     "ESTIMATORS", "Estimator", "elbo_per_image",
+    "ElboTerms", "LogLikelihood", "active_units", "anomaly_scores", "elbo_terms",
+    "importance_log_likelihood", "log_likelihood",
     "VAE", "LIKELIHOODS", "Likelihood", "Encoder", "Decoder", "PRIORS", "Prior",
     "TrainResult", "fit", "train", "load_run",
 ]
