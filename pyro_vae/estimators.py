@@ -1,19 +1,25 @@
 """Gradient estimators of the ELBO: one registry entry each.
 
 An :class:`Estimator` says how the guide samples the latent site ``z`` (the distribution it
-hands to ``pyro.sample`` and the site's ``infer`` options) and which Pyro ELBO turns the traces
-into a surrogate loss. Pyro decides per site between a pathwise and a score-function gradient
-from the distribution's ``has_rsample`` (see docs/estimators.md).
+hands to ``pyro.sample`` and the site's ``infer`` options), which Pyro ELBO turns the traces
+into a surrogate loss, and (for the vectorized variance lab, :mod:`pyro_vae.variance`) the same
+surrogate written as a plain function of one draw of noise. Pyro decides per site between a
+pathwise and a score-function gradient from the distribution's ``has_rsample``; see
+docs/estimators.md for the derivations and how each entry maps onto Pyro.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
+import pyro
 import pyro.distributions as dist
 import torch
-from pyro.infer import ELBO, Trace_ELBO, TraceMeanField_ELBO
+from pyro.distributions.score_parts import ScoreParts
+from pyro.infer import ELBO, Trace_ELBO, TraceGraph_ELBO, TraceMeanField_ELBO
 from torch import nn
 
 from .errors import ConfigError
@@ -22,50 +28,155 @@ if TYPE_CHECKING:
     from .config import Config
 
 
+# -- how the guide samples z ----------------------------------------------------------------------
+class ScoreFunctionIndependent(dist.Independent):
+    """q(z|x) that Pyro must treat as non-reparameterizable: a score-function site.
+
+    ``has_rsample`` is overridden on the class, not set on the instance: Pyro's plate expands the
+    distribution, and ``expand`` keeps the class (an instance-level ``has_rsample_(False)`` on an
+    ``Independent`` raises AttributeError inside a plate; see ESTIMATORS.md).
+    """
+
+    has_rsample = False
+
+
+class StickingTheLanding(dist.Independent):
+    """q(z|x) with the "sticking the landing" path derivative (Roeder, Wu & Duvenaud 2017).
+
+    z is reparametrized, but the surrogate's ``log q(z)`` is evaluated with the variational
+    parameters detached, so only the path through z carries gradient; the score term
+    ``grad log q`` (zero mean, often large) is dropped. ``log_prob`` itself is unchanged, so the
+    ELBO value Pyro reports is the usual one.
+    """
+
+    def score_parts(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> ScoreParts:
+        log_prob = self.log_prob(x)
+        base = self.base_dist
+        stopped = type(base)(**{k: getattr(base, k).detach() for k in base.arg_constraints},
+                             validate_args=False)
+        entropy_term = dist.Independent(stopped, self.reinterpreted_batch_ndims).log_prob(x)
+        return ScoreParts(log_prob=log_prob, score_function=0, entropy_term=entropy_term)
+
+
 def _identity(q: dist.Distribution) -> dist.Distribution:
     return q
 
 
-def _no_infer(modules: nn.ModuleDict, x: torch.Tensor) -> dict[str, Any]:
+def _as_independent(q: dist.Distribution, cls: type[dist.Independent]) -> dist.Independent:
+    if not isinstance(q, dist.Independent):
+        raise ConfigError(f"the encoder must return an Independent distribution (Normal(loc, "
+                          f"scale).to_event(1)), got {type(q).__name__}")
+    return cls(q.base_dist, q.reinterpreted_batch_ndims)
+
+
+def _score_posterior(q: dist.Distribution) -> dist.Distribution:
+    return _as_independent(q, ScoreFunctionIndependent)
+
+
+def _stl_posterior(q: dist.Distribution) -> dist.Distribution:
+    return _as_independent(q, StickingTheLanding)
+
+
+def _no_infer(modules: nn.ModuleDict, x: torch.Tensor, scale: float) -> dict[str, Any]:
     return {}
 
 
-@dataclass(frozen=True)
-class Estimator:
-    """How one gradient estimator is wired into the guide and the ELBO.
+def _no_modules(cfg: Config, num_pixels: int) -> dict[str, nn.Module]:
+    return {}
 
-    Attributes:
-        name: registry key.
-        summary: one line for ``--help`` and the docs.
-        make_elbo: ``(config) -> pyro.infer.ELBO`` building the objective.
-        posterior: maps the encoder's q(z|x) to the distribution the guide samples ``z`` from
-            (identity for pathwise gradients; a non-reparameterized or path-derivative variant
-            otherwise).
-        site_infer: ``(modules, x) -> dict`` giving the ``infer`` options of the ``z`` site
-            (e.g. baselines); ``modules`` are those made by ``make_modules``.
-        make_modules: ``(config, num_pixels) -> dict`` of extra trainable modules (e.g. a
-            neural baseline) that live in the VAE and are trained and checkpointed with it.
-        needs_closed_form_kl: the ELBO integrates KL(q || p) analytically, so the prior must
-            be a diagonal Normal.
+
+# -- baselines ------------------------------------------------------------------------------------
+class NeuralBaseline(nn.Module):
+    """b(x): an input-dependent baseline for the score-function term (Mnih & Gregor 2014, NVIL).
+
+    It predicts the learning signal ``log p(x, z) - log q(z|x)`` of each image and is trained
+    jointly with the VAE by the squared error Pyro adds to the surrogate loss. The network
+    outputs nats *per pixel* and the result is multiplied by the number of pixels and the plate
+    scale (dataset size / batch size): Pyro's downstream cost is scaled by the plate (Pyro
+    #555), and a network asked to output values in the thousands directly would take Adam
+    thousands of steps to get there.
     """
 
-    name: str
-    summary: str
-    make_elbo: Callable[[Config], ELBO]
-    posterior: Callable[[dist.Distribution], dist.Distribution] = _identity
-    site_infer: Callable[[nn.ModuleDict, torch.Tensor], dict[str, Any]] = _no_infer
-    make_modules: Callable[[Config, int], dict[str, nn.Module]] = field(
-        default=lambda cfg, num_pixels: {})
-    needs_closed_form_kl: bool = False
+    def __init__(self, num_pixels: int, hidden_dim: int = 100):
+        super().__init__()
+        self.num_pixels = num_pixels
+        self.net = nn.Sequential(nn.Linear(num_pixels, hidden_dim), nn.Tanh(),
+                                 nn.Linear(hidden_dim, 1))
+        # start near a typical per-pixel cost of a Bernoulli VAE (about -0.2 nats per pixel)
+        nn.init.constant_(self.net[-1].bias, -0.2)
 
-    def check_config(self, cfg: Config) -> None:
-        """Raise ConfigError if this estimator cannot be used with ``cfg``."""
-        if self.needs_closed_form_kl:
-            from .priors import PRIORS
+    def forward(self, x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        return self.net(x).squeeze(-1) * (self.num_pixels * scale)
 
-            if not PRIORS[cfg.model.prior].closed_form_kl:
-                raise ConfigError(f"estimator {self.name} needs a closed-form KL, which prior "
-                                  f"{cfg.model.prior} does not have; use --estimator reparam")
+
+def _nn_baseline_modules(cfg: Config, num_pixels: int) -> dict[str, nn.Module]:
+    return {"baseline": NeuralBaseline(num_pixels)}
+
+
+def _avg_baseline_infer(modules: nn.ModuleDict, x: torch.Tensor, scale: float) -> dict[str, Any]:
+    return {"baseline": {"use_decaying_avg_baseline": True, "baseline_beta": AVG_BASELINE_BETA}}
+
+
+def _nn_baseline_infer(modules: nn.ModuleDict, x: torch.Tensor, scale: float) -> dict[str, Any]:
+    # ``baseline_value`` (rather than ``nn_baseline``) lets us pass the plate scale; its graph
+    # only reaches the baseline's parameters because x is data.
+    return {"baseline": {"baseline_value": modules["baseline"](x, scale)}}
+
+
+#: Decay of the moving-average baseline b <- beta b + (1 - beta) cost (Pyro's default).
+AVG_BASELINE_BETA = 0.90
+#: Param-store name under which Pyro keeps the moving-average baseline of site "z".
+AVG_BASELINE_PARAM = "__baseline_avg_downstream_cost_z"
+
+
+# -- objectives -----------------------------------------------------------------------------------
+class IWAE_ELBO(ELBO):
+    """The importance-weighted bound of Burda, Grosse & Salakhutdinov (2016), per data point.
+
+        L_K(x) = E[ log (1/K) sum_k p(x, z_k) / q(z_k|x) ],   z_1..z_K ~ q(z|x)
+
+    ``RenyiELBO(alpha=0)`` computes the same bound but applies the plate's subsampling scale
+    *inside* the log-mean-exp; here the per-image bound is computed from unscaled densities and
+    the scale multiplies the sum over images, so the minibatch estimate stays unbiased for the
+    dataset's bound. Only reparametrized guides are accepted. Particles are vectorized.
+    """
+
+    def __init__(self, num_particles: int = 2):
+        super().__init__(num_particles=num_particles, max_plate_nesting=1,
+                         vectorize_particles=True)
+
+    def _get_trace(self, model, guide, args, kwargs):  # noqa: ANN001 - Pyro's signature
+        model_trace, guide_trace = pyro.infer.enum.get_importance_trace(
+            "flat", self.max_plate_nesting, model, guide, args, kwargs)
+        return model_trace, guide_trace
+
+    def _surrogate(self, model, guide, *args, **kwargs) -> torch.Tensor:  # noqa: ANN001
+        model_trace, guide_trace = next(self._get_traces(model, guide, args, kwargs))
+        log_w, scale = 0.0, 1.0
+        for trace, sign in ((model_trace, 1.0), (guide_trace, -1.0)):
+            for site in trace.nodes.values():
+                if site["type"] != "sample":
+                    continue
+                if sign < 0 and not site["fn"].has_rsample:
+                    raise ConfigError("estimator iwae needs a reparametrized guide")
+                log_p = site["unscaled_log_prob"]
+                log_w = log_w + sign * log_p.reshape(self.num_particles, -1)
+                if site["name"] == "z":
+                    scale = site["scale"]
+        bound = torch.logsumexp(log_w, dim=0) - math.log(self.num_particles)  # (batch,)
+        return -(bound * scale).sum()
+
+    def loss(self, model, guide, *args, **kwargs) -> float:  # noqa: ANN001
+        with torch.no_grad():
+            return self._surrogate(model, guide, *args, **kwargs).item()
+
+    def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:  # noqa: ANN001
+        return self._surrogate(model, guide, *args, **kwargs)
+
+    def loss_and_grads(self, model, guide, *args, **kwargs) -> float:  # noqa: ANN001
+        surrogate = self._surrogate(model, guide, *args, **kwargs)
+        surrogate.backward()
+        return surrogate.item()
 
 
 def _trace_elbo(cfg: Config) -> ELBO:
@@ -78,11 +189,165 @@ def _mean_field_elbo(cfg: Config) -> ELBO:
                                max_plate_nesting=1)
 
 
+def _tracegraph_elbo(cfg: Config) -> ELBO:
+    # Not vectorized: the baselines have one slot per batch position, not per (particle, image).
+    return TraceGraph_ELBO(num_particles=cfg.train.num_particles, max_plate_nesting=1)
+
+
+def _iwae_elbo(cfg: Config) -> ELBO:
+    return IWAE_ELBO(num_particles=cfg.train.num_particles)
+
+
+# -- the same surrogates as functions of one draw (for vectorized variance measurement) -----------
+@dataclass
+class Draw:
+    """Everything one gradient draw of the per-image surrogate needs, as plain tensors.
+
+    The variance lab (:mod:`pyro_vae.variance`) builds this from a functional call of the VAE so
+    that ``torch.func.grad`` of :attr:`Estimator.draw_loss` gives one draw's gradient and
+    ``torch.func.vmap`` gives R of them at once.
+
+    Attributes:
+        x: the minibatch, ``(batch, num_pixels)``.
+        q: the encoder's q(z|x), a function of the encoder parameters.
+        eps: standard normal noise, ``(particles, batch, latent_dim)``.
+        decoder: ``z -> p(x|z)``; prior: the prior p(z), both functions of their parameters.
+        baseline: the score-function baseline per image (already plate-scaled), or None.
+    """
+
+    x: torch.Tensor
+    q: dist.Independent
+    eps: torch.Tensor
+    decoder: Callable[[torch.Tensor], dist.Distribution]
+    prior: dist.Distribution
+    baseline: torch.Tensor | None = None
+
+    def z(self) -> torch.Tensor:
+        base = self.q.base_dist
+        return base.loc + base.scale * self.eps
+
+    def log_joint(self, z: torch.Tensor) -> torch.Tensor:
+        return self.decoder(z).log_prob(self.x) + self.prior.log_prob(z)
+
+
+def _draw_pathwise(d: Draw) -> torch.Tensor:
+    z = d.z()
+    return -(d.log_joint(z) - d.q.log_prob(z)).mean()
+
+
+def _draw_stl(d: Draw) -> torch.Tensor:
+    z = d.z()
+    base = d.q.base_dist
+    stopped = dist.Normal(base.loc.detach(), base.scale.detach(), validate_args=False)
+    return -(d.log_joint(z) - stopped.to_event(1).log_prob(z)).mean()
+
+
+def _draw_analytic_kl(d: Draw) -> torch.Tensor:
+    z = d.z()
+    kl = torch.distributions.kl_divergence(d.q, d.prior)
+    return -(d.decoder(z).log_prob(d.x) - kl).mean()
+
+
+def _draw_score(d: Draw) -> torch.Tensor:
+    # Pyro's surrogate for a non-reparametrized site (Trace_ELBO / TraceGraph_ELBO):
+    # log p(x, z) [pathwise for the decoder] + log q(z) * (learning signal - baseline).detach()
+    z = d.z().detach()
+    log_q = d.q.log_prob(z)
+    signal = d.log_joint(z) - log_q
+    if d.baseline is not None:
+        signal = signal - d.baseline
+    return -(d.log_joint(z) + log_q * signal.detach()).mean()
+
+
+def _draw_iwae(d: Draw) -> torch.Tensor:
+    z = d.z()
+    log_w = d.log_joint(z) - d.q.log_prob(z)  # (particles, batch)
+    return -(torch.logsumexp(log_w, dim=0) - math.log(d.eps.shape[0])).mean()
+
+
+# -- the registry ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Estimator:
+    """How one gradient estimator is wired into the guide and the ELBO.
+
+    Attributes:
+        name: registry key.
+        summary: one line for ``--help`` and the docs.
+        make_elbo: ``(config) -> pyro.infer.ELBO`` building the objective.
+        posterior: maps the encoder's q(z|x) to the distribution the guide samples ``z`` from
+            (identity for pathwise gradients; a non-reparameterized or path-derivative variant
+            otherwise).
+        site_infer: ``(modules, x, scale) -> dict`` giving the ``infer`` options of the ``z``
+            site (e.g. baselines); ``modules`` are those made by ``make_modules`` and ``scale``
+            is the data plate's subsampling scale (dataset size / batch size).
+        make_modules: ``(config, num_pixels) -> dict`` of extra trainable modules (e.g. a
+            neural baseline) that live in the VAE and are trained and checkpointed with it.
+        draw_loss: the estimator's surrogate loss per image for one draw, as a function of a
+            :class:`Draw`; its gradient must equal Pyro's surrogate gradient divided by the
+            batch size (checked in tests/test_variance.py). None: the variance lab falls back
+            to a loop over Pyro's own ``loss_and_grads``.
+        baseline: ``"avg"`` or ``"nn"`` when the score-function term uses a baseline.
+        needs_closed_form_kl: the ELBO integrates KL(q || p) analytically, so the prior must
+            be a diagonal Normal.
+        min_particles: smallest useful ``--num-particles`` (2 for the importance-weighted bound,
+            which with one particle is the plain ELBO).
+    """
+
+    name: str
+    summary: str
+    make_elbo: Callable[[Config], ELBO]
+    posterior: Callable[[dist.Distribution], dist.Distribution] = _identity
+    site_infer: Callable[[nn.ModuleDict, torch.Tensor, float], dict[str, Any]] = _no_infer
+    make_modules: Callable[[Config, int], dict[str, nn.Module]] = field(default=_no_modules)
+    draw_loss: Callable[[Draw], torch.Tensor] | None = None
+    baseline: str | None = None
+    needs_closed_form_kl: bool = False
+    min_particles: int = 1
+
+    @property
+    def score_function(self) -> bool:
+        """Whether the encoder's gradient uses the score function (REINFORCE)."""
+        return self.posterior is _score_posterior
+
+    def check_config(self, cfg: Config) -> None:
+        """Raise ConfigError if this estimator cannot be used with ``cfg``."""
+        if self.needs_closed_form_kl:
+            from .priors import PRIORS
+
+            if not PRIORS[cfg.model.prior].closed_form_kl:
+                raise ConfigError(f"estimator {self.name} needs a closed-form KL, which prior "
+                                  f"{cfg.model.prior} does not have; use --estimator reparam")
+        if cfg.train.num_particles < self.min_particles:
+            raise ConfigError(f"estimator {self.name} needs --num-particles >= "
+                              f"{self.min_particles}, got {cfg.train.num_particles} (with one "
+                              f"particle the importance-weighted bound is the plain ELBO)")
+
+
 #: Estimator name -> Estimator. Adding an estimator is one entry.
 ESTIMATORS: dict[str, Estimator] = {
     "reparam": Estimator(
-        "reparam", "pathwise (reparametrized) gradients through Trace_ELBO", _trace_elbo),
+        "reparam", "pathwise (reparametrized) gradients through Trace_ELBO", _trace_elbo,
+        draw_loss=_draw_pathwise),
     "analytic-kl": Estimator(
         "analytic-kl", "reparametrized likelihood term, closed-form KL (TraceMeanField_ELBO)",
-        _mean_field_elbo, needs_closed_form_kl=True),
+        _mean_field_elbo, draw_loss=_draw_analytic_kl, needs_closed_form_kl=True),
+    "stl": Estimator(
+        "stl", "sticking the landing: pathwise, score term of log q dropped (Roeder et al. "
+               "2017)", _trace_elbo, posterior=_stl_posterior, draw_loss=_draw_stl),
+    "score": Estimator(
+        "score", "score function (REINFORCE) for z, no baseline (Trace_ELBO)", _trace_elbo,
+        posterior=_score_posterior, draw_loss=_draw_score),
+    "score-avg-baseline": Estimator(
+        "score-avg-baseline", "score function with a decaying-average baseline "
+                              "(TraceGraph_ELBO)", _tracegraph_elbo,
+        posterior=_score_posterior, site_infer=_avg_baseline_infer, draw_loss=_draw_score,
+        baseline="avg"),
+    "score-nn-baseline": Estimator(
+        "score-nn-baseline", "score function with a neural, input-dependent baseline (NVIL; "
+                             "TraceGraph_ELBO)", _tracegraph_elbo,
+        posterior=_score_posterior, site_infer=_nn_baseline_infer,
+        make_modules=_nn_baseline_modules, draw_loss=_draw_score, baseline="nn"),
+    "iwae": Estimator(
+        "iwae", "importance-weighted bound with K = --num-particles samples, reparametrized",
+        _iwae_elbo, draw_loss=_draw_iwae, min_particles=2),
 }

@@ -78,7 +78,8 @@ class VAE(nn.Module):
             pyro.module("estimator", self.estimator_modules)
         with self.data_plate(x, num_data):
             q = self.estimator.posterior(self.encoder(x))
-            pyro.sample("z", q, infer=self.estimator.site_infer(self.estimator_modules, x))
+            scale = num_data / x.shape[0] if num_data is not None else 1.0
+            pyro.sample("z", q, infer=self.estimator.site_infer(self.estimator_modules, x, scale))
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
