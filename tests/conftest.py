@@ -38,9 +38,10 @@ def small_dataset(num_train: int = 256, num_test: int = 64, side: int = 28,
     """Random grey images for tests that only need shapes to be right."""
     g = torch.Generator().manual_seed(seed)
     d = side * side
-    return Dataset("random", (1, side, side),
-                   Split(torch.rand(num_train, d, generator=g), torch.zeros(num_train, dtype=torch.long)),
-                   Split(torch.rand(num_test, d, generator=g), torch.zeros(num_test, dtype=torch.long)))
+    def split(n: int) -> Split:
+        return Split(torch.rand(n, d, generator=g), torch.zeros(n, dtype=torch.long))
+
+    return Dataset("random", (1, side, side), split(num_train), split(num_test))
 
 
 def tiny_config(**train) -> Config:

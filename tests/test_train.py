@@ -1,0 +1,113 @@
+import importlib
+import json
+import os
+import signal
+
+import pytest
+import torch
+from conftest import tiny_config
+
+from pyro_vae import CheckpointError, ConfigError, fit, load_run, train
+from pyro_vae.evaluate import elbo_per_image
+from pyro_vae.model import VAE
+
+
+def _without_time(metrics):
+    return [{k: v for k, v in m.items() if k != "seconds"} for m in metrics]
+
+
+def test_training_on_real_digits_improves_the_test_elbo(mnist5k_grey):
+    cfg = tiny_config(epochs=3, batch_size=100)
+    result = fit(cfg, dataset=mnist5k_grey)
+    torch.manual_seed(0)
+    untrained = VAE.from_config(cfg, mnist5k_grey.image_shape)
+    before = elbo_per_image(untrained, result.dataset.test.images)
+    after = result.metrics[-1]["test_elbo"]
+    # An untrained decoder pays ~log 2 nats per pixel (~540 nats); three quick epochs must
+    # take off far more than the run-to-run noise.
+    assert before < -500
+    assert after > before + 250, (before, after)
+    assert result.metrics[-1]["train_elbo"] > result.metrics[0]["train_elbo"]
+
+
+def test_resumed_run_equals_uninterrupted_run(tmp_path, mnist5k_grey):
+    cfg = tiny_config(epochs=3)
+    cfg.data.train_limit = 640
+    straight = fit(cfg, tmp_path / "a")
+    short = tiny_config(epochs=1)
+    short.data.train_limit = 640
+    fit(short, tmp_path / "b")
+    resumed = fit(cfg, tmp_path / "b", resume=True)
+    assert _without_time(resumed.metrics) == _without_time(straight.metrics)
+    for (name, p), q in zip(straight.vae.state_dict().items(), resumed.vae.state_dict().values()):
+        assert torch.equal(p, q), name
+    lines = [json.loads(s) for s in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in lines] == [1, 2, 3]
+
+
+def test_interrupted_mid_epoch_checkpoint_resumes_exactly(tmp_path, monkeypatch):
+    """Ctrl-C (SIGINT) between steps saves a mid-epoch checkpoint that resumes bit for bit."""
+    cfg = tiny_config(epochs=2)
+    cfg.data.train_limit = 640
+    straight = fit(cfg, tmp_path / "a")
+
+    train_mod = importlib.import_module("pyro_vae.train")  # the module, not the function
+    original_step = train_mod.Trainer.step
+    calls = {"n": 0}
+
+    def step_then_ctrl_c(self, x):
+        out = original_step(self, x)
+        calls["n"] += 1
+        if calls["n"] == 13:  # in the middle of epoch 2 (10 steps per epoch)
+            os.kill(os.getpid(), signal.SIGINT)
+        return out
+
+    monkeypatch.setattr(train_mod.Trainer, "step", step_then_ctrl_c)
+    first = fit(cfg, tmp_path / "b")
+    assert first.interrupted and len(first.metrics) == 1 and calls["n"] == 13
+    monkeypatch.setattr(train_mod.Trainer, "step", original_step)
+    resumed = fit(cfg, tmp_path / "b", resume=True)
+    assert _without_time(resumed.metrics) == _without_time(straight.metrics)
+    for p, q in zip(straight.vae.parameters(), resumed.vae.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_run_folder_is_not_overwritten(tmp_path):
+    cfg = tiny_config(epochs=1)
+    cfg.data.train_limit = 256
+    fit(cfg, tmp_path / "run")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()}
+    with pytest.raises(CheckpointError, match="already holds another run"):
+        fit(cfg, tmp_path / "run")
+    other = tiny_config(epochs=2, lr=0.01)
+    other.data.train_limit = 256
+    with pytest.raises(CheckpointError, match=r"train.lr \(0.001 -> 0.01\)"):
+        fit(other, tmp_path / "run", resume=True)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()} == before
+    with pytest.raises(CheckpointError, match="cannot resume"):
+        fit(cfg, tmp_path / "empty", resume=True)
+    with pytest.raises(ConfigError, match="exclude each other"):
+        fit(cfg, tmp_path / "run", resume=True, overwrite=True)
+
+
+def test_train_writes_figures_and_a_reloadable_checkpoint(tmp_path):
+    cfg = tiny_config(epochs=1)
+    cfg.data.train_limit = 256
+    cfg.data.val_fraction = 0.25
+    result = train(cfg, tmp_path / "run")
+    names = {p.name for p in (tmp_path / "run").iterdir()}
+    assert {"config.toml", "metrics.jsonl", "checkpoint.pt", "loss_curve.png", "samples.png",
+            "reconstructions.png"} <= names
+    record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text())
+    assert {"epoch", "train_elbo", "test_elbo", "val_elbo", "seconds"} <= set(record)
+    loaded_cfg, vae, _ = load_run(tmp_path / "run")
+    assert loaded_cfg == cfg
+    x = result.dataset.test.images[:10]
+    torch.testing.assert_close(vae.reconstruct(x), result.vae.reconstruct(x))
+
+
+def test_batch_larger_than_dataset_is_rejected():
+    cfg = tiny_config(batch_size=512)
+    cfg.data.train_limit = 256
+    with pytest.raises(ConfigError, match="larger than the 256 training images"):
+        fit(cfg)
