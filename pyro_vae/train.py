@@ -27,10 +27,13 @@ import torch
 
 from .checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
 from .config import Config
-from .data import Dataset, binarize_batch, load_dataset, prepare_observations
-from .errors import CheckpointError, ConfigError, TrainingError
+from .data import (Dataset, binarize_batch, check_image_shape, check_observations, load_dataset,
+                   prepare_observations)
+from .errors import CheckpointError, ConfigError, PyroVAEError, TrainingError
 from .evaluate import elbo_per_image
 from .estimators import ESTIMATORS
+from . import distributed
+from .fast import adam, keep_float32_outputs, make_fast_elbo, precision_context
 from .model import VAE
 
 CONFIG_FILE = "config.toml"
@@ -40,7 +43,8 @@ EVENTS_FILE = "events.jsonl"
 CHECKPOINT_FORMAT = 1
 #: Config keys that may differ between a run and its resumption.
 RESUMABLE_KEYS = {("train", "epochs"), ("train", "progress"), ("train", "device"),
-                  ("train", "max_bad_steps"), ("train", "eval_batch_size")}
+                  ("train", "max_bad_steps"), ("train", "eval_batch_size"),
+                  ("train", "fast_path")}
 _MODULE_PREFIXES = ("encoder$$$", "decoder$$$", "prior$$$", "estimator$$$")
 
 
@@ -157,19 +161,35 @@ class Trainer:
     def __init__(self, cfg: Config, dataset: Dataset, run_dir: Path | None = None):
         self.cfg = cfg
         self.run_dir = run_dir
-        self.device = pick_device(cfg.train.device)
+        self.workers = distributed.current()
+        self.device = distributed.local_device(pick_device(cfg.train.device), self.workers)
+        check_observations(dataset, cfg.model.likelihood)
         data = prepare_observations(dataset, cfg.data, seed=cfg.train.seed)
         self.dataset = Dataset(data.name, data.image_shape, data.train.to(self.device),
                                data.test.to(self.device),
                                data.val.to(self.device) if data.val is not None else None)
-        if cfg.train.batch_size > len(self.dataset.train):
+        if cfg.train.batch_size * self.workers.world_size > len(self.dataset.train):
             raise ConfigError(f"train.batch_size = {cfg.train.batch_size} is larger than the "
                               f"{len(self.dataset.train)} training images")
         pyro.clear_param_store()
         pyro.set_rng_seed(cfg.train.seed)
         self.vae = VAE.from_config(cfg, dataset.image_shape).to(self.device)
         self.elbo = ESTIMATORS[cfg.train.estimator].make_elbo(cfg)
-        self.optimizer = torch.optim.Adam(self.vae.parameters(), lr=cfg.train.lr)
+        self.optimizer = adam(self.vae.parameters(), cfg.train.lr, self.device)
+        # The fast path (fast.py) where it reproduces Trace_ELBO, else Pyro; under torchrun the
+        # loss module is wrapped in DistributedDataParallel (distributed.py).
+        if cfg.train.precision != "float32":
+            keep_float32_outputs(self.vae)
+        self.fast = make_fast_elbo(cfg, self.vae, len(self.dataset.train), self.workers.rank,
+                                   self.workers.world_size)
+        self.loss_module = None
+        if self.fast is not None or self.workers.active:
+            if self.fast is None and not hasattr(self.elbo, "differentiable_loss"):
+                raise ConfigError(f"estimator {cfg.train.estimator} cannot train data-parallel "
+                                  f"(its ELBO has no differentiable_loss); run one process")
+            self.loss_module = distributed.wrap(
+                self.fast or distributed.PyroLoss(self.elbo, self.vae, len(self.dataset.train)),
+                self.workers, self.device)
         self.metrics: list[dict[str, Any]] = []
         # Position in the schedule: epochs finished, batches done in the current epoch.
         self.epoch, self.batch_in_epoch, self.global_step = 0, 0, 0
@@ -209,28 +229,56 @@ class Trainer:
         self.metrics = [json.loads(m) for m in state["metrics"]]
 
     def save(self) -> None:
-        if self.run_dir is not None:
+        if self.run_dir is not None and self.workers.is_main:
             save_checkpoint(self.run_dir / CHECKPOINT_FILE, self.state_dict())
 
     def resume(self) -> None:
         """Load the run folder's checkpoint; rewrite metrics.jsonl to match it."""
         assert self.run_dir is not None
-        self.load_state_dict(load_checkpoint(self.run_dir / CHECKPOINT_FILE, self.device))
+        state = load_checkpoint(self.run_dir / CHECKPOINT_FILE, self.device)
+        check_image_shape(state["image_shape"], self.dataset.image_shape,
+                          f"cannot resume {self.run_dir}")
+        self.load_state_dict(state)
         # A crash between appending a metrics line and saving the checkpoint would otherwise
         # leave a line for an epoch that is about to be run again.
-        atomic_write_text(self.run_dir / METRICS_FILE,
+        if self.workers.is_main:
+            atomic_write_text(self.run_dir / METRICS_FILE,
                           "".join(json.dumps(m) + "\n" for m in self.metrics))
 
     # -- training -----------------------------------------------------------------------------
     def _log_event(self, event: dict[str, Any]) -> None:
-        if self.run_dir is not None:
+        if self.run_dir is not None and self.workers.is_main:
             with open(self.run_dir / EVENTS_FILE, "a") as f:
                 f.write(json.dumps(event) + "\n")
+
+    def _loss_and_grads(self, x: torch.Tensor, num_data: int) -> float:
+        """The minibatch loss, with its gradients left in ``.grad``: fast path, DDP or Pyro."""
+        precision = precision_context(self.cfg.train.precision, self.device)
+        if self.loss_module is None:
+            with precision:
+                return self.elbo.loss_and_grads(self.vae.model, self.vae.guide, x,
+                                                num_data=num_data)
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else [],
+                                   enabled=self.fast is None):
+            if self.fast is None:  # Pyro draws z per replica: give each rank its own draws
+                torch.manual_seed(distributed.rank_seed(self.cfg.train.seed, self.global_step,
+                                                        self.workers.rank))
+            with precision:
+                loss = self.loss_module(x)
+            loss.backward()
+        return loss.item()
 
     def step(self, x: torch.Tensor) -> float | None:
         """One SVI step on minibatch ``x``; returns the loss, or None if it was skipped."""
         num_data = len(self.dataset.train)
-        loss = self.elbo.loss_and_grads(self.vae.model, self.vae.guide, x, num_data=num_data)
+        try:
+            loss = self._loss_and_grads(x, num_data)
+        except ValueError as e:
+            # Pyro's validation refuses a NaN produced inside the forward pass (e.g. inf - inf
+            # after a huge step): the same fault as a NaN loss, so skip the step the same way.
+            if isinstance(e, PyroVAEError) or "found invalid values" not in str(e):
+                raise
+            loss = math.nan
         params = [p for p in self.vae.parameters() if p.grad is not None]
         clip = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(params, clip) if params else torch.zeros(())
@@ -238,13 +286,16 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             self.bad_steps += 1
             self._epoch_bad += 1
-            self._log_event({"event": "non-finite", "step": self.global_step,
+            # Steps are counted from 1, as in metrics.jsonl ("step": steps done so far).
+            self._log_event({"event": "non-finite", "step": self.global_step + 1,
                              "epoch": self.epoch + 1, "loss": repr(loss),
                              "grad_norm": repr(float(grad_norm))})
             if self.bad_steps >= self.cfg.train.max_bad_steps:
+                saved = self.run_dir is not None and (self.run_dir / CHECKPOINT_FILE).is_file()
                 raise TrainingError(
                     f"stopped after {self.bad_steps} steps with a non-finite loss or gradient "
-                    f"(last at step {self.global_step}); the last good checkpoint is kept. "
+                    f"(last at step {self.global_step + 1}); "
+                    f"{'the last good checkpoint is kept' if saved else 'no checkpoint yet'}. "
                     f"Try a lower --lr, --grad-clip, or a reparametrized estimator")
             return None
         self.optimizer.step()
@@ -266,7 +317,7 @@ class Trainer:
         from tqdm.auto import tqdm
 
         train = self.dataset.train.images
-        batch, n = self.cfg.train.batch_size, len(train)
+        batch, n = self.cfg.train.batch_size * self.workers.world_size, len(train)
         num_batches = n // batch  # the last partial batch is dropped: every step sees B images
         mode = self.cfg.data.binarize
         while self.epoch < self.cfg.train.epochs:
@@ -281,7 +332,7 @@ class Trainer:
                     bar.close()
                     return False
                 idx = order[self.batch_in_epoch * batch:(self.batch_in_epoch + 1) * batch]
-                loss = self.step(binarize_batch(train[idx], mode))
+                loss = self.step(self.workers.shard(binarize_batch(train[idx], mode)))
                 self.global_step += 1
                 self.batch_in_epoch += 1
                 if loss is not None:
@@ -291,13 +342,14 @@ class Trainer:
             bar.close()
             good = num_batches - self._epoch_bad
             record = {"epoch": self.epoch + 1, "step": self.global_step,
-                      "train_elbo": -self._epoch_loss / max(good, 1), **self.evaluate(),
+                      "train_elbo": -self._epoch_loss / good if good else math.nan,
+                      **self.evaluate(),
                       "seconds": self._epoch_seconds + time.perf_counter() - start,
                       "bad_steps": self._epoch_bad}
             self.metrics.append(record)
             self.epoch += 1
             self.batch_in_epoch, self._epoch_loss, self._epoch_seconds, self._epoch_bad = 0, 0.0, 0.0, 0
-            if self.run_dir is not None:
+            if self.run_dir is not None and self.workers.is_main:
                 with open(self.run_dir / METRICS_FILE, "a") as f:
                     f.write(json.dumps(record) + "\n")
             self.save()
@@ -319,17 +371,20 @@ def fit(config: Config, run_dir: str | Path | None = None, *, resume: bool = Fal
         dataset: use these images instead of loading ``config.data`` (tests, notebooks).
     """
     config.validate()
+    workers = distributed.setup(config.train.device)  # joins torchrun's processes, if any
     run_dir = Path(run_dir) if run_dir is not None else None
     if run_dir is not None:
         check_run_dir(run_dir, config, resume, overwrite)
     if dataset is None:
         dataset = load_dataset(config.data)
     trainer = Trainer(config, dataset, run_dir)
+    distributed.barrier(workers)  # every process has checked the folder before rank 0 writes
     if run_dir is not None:
-        run_dir.mkdir(parents=True, exist_ok=True)
         if resume:
             trainer.resume()
-        else:
+    if run_dir is not None and workers.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not resume:
             for name in (METRICS_FILE, EVENTS_FILE, CHECKPOINT_FILE):
                 (run_dir / name).unlink(missing_ok=True)
         atomic_write_text(run_dir / CONFIG_FILE, config.to_toml())
@@ -346,7 +401,8 @@ def train(config: Config, run_dir: str | Path | None = None, *, resume: bool = F
           figures: bool = True) -> TrainResult:
     """:func:`fit`, then write loss_curve.png, samples.png and reconstructions.png to run_dir."""
     result = fit(config, run_dir, resume=resume, overwrite=overwrite, dataset=dataset)
-    if figures and result.run_dir is not None and not result.interrupted:
+    if (figures and result.run_dir is not None and not result.interrupted
+            and distributed.current().is_main):
         from .plots import write_run_figures
 
         write_run_figures(result)
