@@ -143,6 +143,12 @@ class TrainConfig:
     max_bad_steps: int = option(10, "stop after this many steps with a non-finite loss or "
                                     "gradient (each is skipped)", check=_positive, need="> 0")
     progress: bool = option(True, "show a progress bar")
+    fast_path: bool = option(True, "compute the reparametrized ELBO without Pyro's tracing "
+                                   "where that gives Trace_ELBO's gradients (see "
+                                   "docs/performance.md); --no-fast-path forces plain Pyro")
+    precision: str = option("float32", "bf16: matrix products in bfloat16 under autocast, "
+                                       "densities and sums in float32",
+                            choices=["float32", "bf16"])
 
 
 @dataclass

@@ -25,6 +25,7 @@ from typing import Any
 import pyro
 import torch
 
+from . import distributed
 from .checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
 from .config import Config
 from .data import (Dataset, binarize_batch, check_image_shape, check_observations, load_dataset,
@@ -32,7 +33,6 @@ from .data import (Dataset, binarize_batch, check_image_shape, check_observation
 from .errors import CheckpointError, ConfigError, PyroVAEError, TrainingError
 from .evaluate import elbo_per_image
 from .estimators import ESTIMATORS
-from . import distributed
 from .fast import adam, keep_float32_outputs, make_fast_elbo, precision_context
 from .model import VAE
 
