@@ -7,8 +7,12 @@ anomaly score means more anomalous.
 
 from __future__ import annotations
 
+import csv
+import json
 import math
+import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pyro
@@ -17,7 +21,7 @@ import torch.nn.functional as F
 from pyro.infer import Trace_ELBO
 from torch.distributions import kl_divergence
 
-from .errors import ConfigError, DataError
+from .errors import CheckpointError, ConfigError, DataError
 from .model import VAE
 from .networks import BernoulliLikelihood, Decoder
 
@@ -187,10 +191,11 @@ class _BernoulliMLPWeights:
 
     Two identities make this cheaper than the generic path (same value up to rounding):
 
-    * log Bernoulli(x | logits l) = log sigmoid(s l) with s = 2x - 1 (s in {-1, +1}), and
-      s * (W h + b) = (W diag-scaled by s) h + s b: the sign of each image is folded into a
-      copy of the last layer's weights, so the log-likelihood is one batched matmul followed by
-      one fused log-sigmoid-and-sum pass.
+    * log Bernoulli(x | logits l) = log sigmoid(s l) = -softplus(-s l) with s = 2x - 1 in
+      {-1, +1}, and -s (W h + b) = (W with its pixel rows scaled by -s) h - s b: each image's
+      signs are folded into a copy of the last layer's weights, so log p(x|z) is one batched
+      matmul and one softplus-and-sum pass (softplus, unlike torch's log-sigmoid, keeps no
+      buffer for a backward pass).
     * log q(z|x) for z = loc + scale * eps is -|eps|^2 / 2 - sum log scale - D log(2 pi) / 2,
       computed from eps without forming z's density again.
 
@@ -207,7 +212,7 @@ class _BernoulliMLPWeights:
         self.body = net[:-1]
         last: torch.nn.Linear = net[-1]
         self.dtype = torch.bfloat16 if precision == "bfloat16" else x.dtype
-        sign = 2.0 * x - 1.0                                              # (B, P)
+        sign = 1.0 - 2.0 * x                                              # -s, (B, P)
         # (B, H, P): per-image last-layer weights with the pixel signs folded in.
         self.weight = (last.weight.t().unsqueeze(0) * sign.unsqueeze(1)).to(self.dtype)
         self.bias = (last.bias * sign).unsqueeze(1)                       # (B, 1, P)
@@ -219,14 +224,14 @@ class _BernoulliMLPWeights:
                  - 0.5 * eps.shape[-1] * math.log(2 * math.pi))
         log_prior = self.vae.prior().log_prob(z)
         h = self.body(z.transpose(0, 1)).to(self.dtype)                  # (B, k, H)
-        logits = torch.baddbmm(self.bias.to(self.dtype), h, self.weight)  # (B, k, P)
-        log_px = _sum_logsigmoid(logits).transpose(0, 1)                  # (k, B)
+        logits = torch.baddbmm(self.bias.to(self.dtype), h, self.weight)  # (B, k, P): -s l
+        log_px = -_sum_softplus(logits).transpose(0, 1)                   # (k, B)
         return log_px + log_prior - log_q
 
 
-def _sum_logsigmoid(t: torch.Tensor) -> torch.Tensor:
-    """sum over the last axis of log sigmoid(t), in float32."""
-    return F.logsigmoid(t.float()).sum(-1)
+def _sum_softplus(t: torch.Tensor) -> torch.Tensor:
+    """sum over the last axis of softplus(t) = log(1 + exp(t)), in float32."""
+    return F.softplus(t.float()).sum(-1)
 
 
 @torch.no_grad()
@@ -340,3 +345,325 @@ def anomaly_scores(vae: VAE, x: torch.Tensor, method: str = "nll", num_samples: 
                            batch_size=max(1, DEFAULT_ROWS_PER_STEP // num_samples)).elbo
     raise ConfigError(f"unknown score method {method!r}; choose one of: "
                       f"{', '.join(SCORE_METHODS)}")
+
+
+def auroc(scores: torch.Tensor, positive: torch.Tensor) -> float:
+    """Area under the ROC curve of ``scores`` for detecting ``positive`` (bool) items: the
+    probability that a random positive scores above a random negative, ties counting half
+    (the Mann-Whitney U statistic over the product of the class sizes)."""
+    scores, positive = scores.double().flatten(), positive.bool().flatten()
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if n_pos == 0 or n_neg == 0:
+        raise DataError(f"AUROC needs both classes, got {n_pos} positives and {n_neg} negatives")
+    order = scores.argsort()
+    ranks = torch.empty_like(scores)
+    ranks[order] = torch.arange(1, len(scores) + 1, dtype=torch.float64)
+    # Average the ranks of tied scores.
+    uniq, inverse = torch.unique(scores, return_inverse=True)
+    sums = torch.zeros(len(uniq), dtype=torch.float64).index_add_(0, inverse, ranks)
+    counts = torch.zeros(len(uniq), dtype=torch.float64).index_add_(0, inverse,
+                                                                     torch.ones_like(ranks))
+    ranks = (sums / counts)[inverse]
+    u = ranks[positive].sum() - n_pos * (n_pos + 1) / 2
+    return float(u / (n_pos * n_neg))
+
+
+# -- run folders: evaluate, sample, score ---------------------------------------------------------
+def _load(run_dir: str | Path, device: str) -> tuple[Any, VAE, tuple[int, int, int]]:
+    from .train import load_run, pick_device
+
+    cfg, vae, state = load_run(run_dir, str(pick_device(device)))
+    return cfg, vae, tuple(state["image_shape"])
+
+
+def run_split(cfg: Any, split: str, limit: int = 0, image_shape: tuple[int, ...] | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The observations and labels of a run's dataset split, binarized as in training.
+
+    The test and validation splits get the same fixed binarization as the run's own
+    evaluation; the training split of a ``dynamic`` run gets one fixed draw. With
+    ``image_shape`` (the network's), images of another shape raise DataError.
+    """
+    from .data import binarize_fixed, check_image_shape, load_dataset, prepare_observations
+
+    if split not in SPLITS:
+        raise ConfigError(f"unknown split {split!r}; choose one of: {', '.join(SPLITS)}")
+    if limit < 0:
+        raise ConfigError(f"limit must be >= 0, got {limit}")
+    data = prepare_observations(load_dataset(cfg.data), cfg.data, seed=cfg.train.seed)
+    if image_shape is not None:
+        check_image_shape(image_shape, data.image_shape, f"dataset {cfg.data.dataset}")
+    part = getattr(data, split)
+    if part is None:
+        raise DataError(f"the run has no {split} split (it was trained with val_fraction = 0)")
+    images = part.images
+    if split == "train" and cfg.data.binarize == "dynamic":
+        images = binarize_fixed(images, "dynamic", seed=cfg.train.seed)
+    if limit:
+        return images[:limit], part.labels[:limit]
+    return images, part.labels
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+def load_image_folder(folder: str | Path, image_shape: tuple[int, int, int]
+                      ) -> tuple[torch.Tensor, list[str]]:
+    """Grey images (PNG or JPEG) of a folder as ``(N, H*W)`` values in [0, 1], sorted by name.
+
+    Raises:
+        DataError: no such folder, no image in it, an unreadable file, or a size that does not
+            match the model's ``image_shape``.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"image folder {folder} does not exist")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise DataError(f"no {', '.join(IMAGE_SUFFIXES)} files in {folder}")
+    c, h, w = image_shape
+    images = []
+    for path in files:
+        try:
+            img = _read_grey(path)
+        except RuntimeError as e:
+            raise DataError(f"cannot read image {path}: {str(e).splitlines()[0]}") from None
+        if tuple(img.shape) != (c, h, w):
+            raise DataError(f"image {path} is {img.shape[-2]}x{img.shape[-1]} pixels; the model "
+                            f"needs {h}x{w} grey images")
+        images.append(img.reshape(-1).float() / 255.0)
+    return torch.stack(images), [p.name for p in files]
+
+
+def _read_grey(path: Path) -> torch.Tensor:
+    import warnings
+
+    from torchvision.io import ImageReadMode, read_image
+
+    # torchvision announces that its decoders will move to another package; they still work.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return read_image(str(path), mode=ImageReadMode.GRAY)
+
+
+def _check_new(paths: list[Path], overwrite: bool) -> None:
+    existing = [str(p) for p in paths if p.exists()]
+    if existing and not overwrite:
+        raise CheckpointError(f"{existing[0]} already exists; pass --overwrite to replace it or "
+                              "choose another output path")
+
+
+def _bits_per_dim(nats: float, num_pixels: int) -> float:
+    return -nats / (num_pixels * math.log(2))
+
+
+def evaluate_run(run_dir: str | Path, split: str = "test", num_samples: int = 5000,
+                 limit: int = 0, batch_size: int = 8, chunk_size: int | None = None,
+                 elbo_particles: int = 10, seed: int = 0, precision: str = "float32",
+                 threshold: float = 0.01, out: str | Path | None = None,
+                 overwrite: bool = False, device: str = "cpu") -> dict[str, Any]:
+    """Test ELBO (with its two terms), importance-sampled log p(x) and active units of a run;
+    written to ``out`` (default ``RUN_DIR/evaluation.json``) and returned."""
+    run_dir = Path(run_dir)
+    out = Path(out) if out is not None else run_dir / EVALUATION_FILE
+    _check_positive("num_samples", num_samples)
+    _check_positive("elbo_particles", elbo_particles)
+    cfg, vae, shape = _load(run_dir, device)
+    _check_new([out], overwrite)
+    x, _ = run_split(cfg, split, limit, shape)
+    x = x.to(next(vae.parameters()).device)
+    num_pixels = x.shape[1]
+    terms = elbo_terms(vae, x, batch_size=max(1, DEFAULT_ROWS_PER_STEP // elbo_particles),
+                       num_particles=elbo_particles, seed=seed)
+    elbo = terms.elbo
+    start = time.perf_counter()
+    ll = importance_log_likelihood(vae, x, num_samples, batch_size, chunk_size, seed=seed,
+                                   precision=precision)
+    seconds = time.perf_counter() - start
+    activity = latent_activity(vae, x)
+    result = {
+        "run_dir": str(run_dir), "dataset": cfg.data.dataset, "split": split,
+        "num_images": int(x.shape[0]), "num_pixels": num_pixels, "prior": cfg.model.prior,
+        "likelihood": cfg.model.likelihood, "latent_dim": cfg.model.latent_dim,
+        "elbo": {"nats": float(elbo.mean()),
+                 "stderr": float(elbo.std() / math.sqrt(len(elbo))) if len(elbo) > 1 else None,
+                 "bits_per_dim": _bits_per_dim(float(elbo.mean()), num_pixels),
+                 "reconstruction_nats": float(terms.reconstruction.mean()),
+                 "kl_nats": float(terms.kl.mean()), "kl_closed_form": terms.kl_closed_form,
+                 "num_particles": elbo_particles},
+        "log_likelihood": {"nats": ll.mean(), "mc_stderr": ll.mc_stderr(),
+                           "stderr": ll.data_stderr(),
+                           "bits_per_dim": _bits_per_dim(ll.mean(), num_pixels),
+                           "num_samples": num_samples, "precision": precision,
+                           "seconds": seconds},
+        "gap_nats": ll.mean() - float(elbo.mean()),
+        "active_units": {"count": int((activity > threshold).sum()), "threshold": threshold,
+                         "latent_dim": int(activity.numel()),
+                         "variances": [float(v) for v in activity]},
+        "seed": seed,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    from .checkpoint import atomic_write_text
+
+    atomic_write_text(out, json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def format_evaluation(r: dict[str, Any]) -> str:
+    """A short table of an :func:`evaluate_run` result."""
+    e, ll, au = r["elbo"], r["log_likelihood"], r["active_units"]
+    lines = [f"{r['dataset']} {r['split']} split, {r['num_images']} images; prior {r['prior']}, "
+             f"likelihood {r['likelihood']}",
+             f"{'':34s}{'nats/image':>12s}{'bits/dim':>10s}",
+             f"{'ELBO':34s}{e['nats']:12.2f}{e['bits_per_dim']:10.4f}",
+             f"{'  reconstruction E_q log p(x|z)':34s}{e['reconstruction_nats']:12.2f}",
+             f"{'  KL(q(z|x) || p(z))':34s}{e['kl_nats']:12.2f}",
+             f"{'log p(x), K = ' + str(ll['num_samples']):34s}{ll['nats']:12.2f}"
+             f"{ll['bits_per_dim']:10.4f}",
+             f"{'  standard error (MC / images)':34s}{ll['mc_stderr']:12.3f} / {ll['stderr']:.3f}",
+             f"{'log p(x) - ELBO':34s}{r['gap_nats']:12.2f}",
+             f"active units: {au['count']} of {au['latent_dim']} (variance > {au['threshold']})"]
+    return "\n".join(lines)
+
+
+@torch.no_grad()
+def sample_run(run_dir: str | Path, out_dir: str | Path | None = None, seed: int = 0,
+               num_samples: int = 64, num_pairs: int = 8, steps: int = 10,
+               overwrite: bool = False, device: str = "cpu") -> dict[str, Path]:
+    """Figures of a trained model in ``out_dir`` (default ``RUN_DIR/samples``): prior samples
+    (decoder means and draws), test reconstructions, latent interpolations, and the latent
+    space (a scatter and the decoded manifold for a 2-D latent, a PCA projection otherwise)."""
+    from . import plots
+
+    _check_positive("num_samples", num_samples)
+    _check_positive("num_pairs", num_pairs)
+    if steps < 2:
+        raise ConfigError(f"steps must be >= 2, got {steps}")
+    run_dir = Path(run_dir)
+    out_dir = Path(out_dir) if out_dir is not None else run_dir / "samples"
+    cfg, vae, shape = _load(run_dir, device)
+    names = ["prior_means", "prior_draws", "reconstructions", "interpolations", "latent_space"]
+    two_d = cfg.model.latent_dim == 2
+    if two_d:
+        names.append("manifold")
+    paths = {n: out_dir / f"{n}.png" for n in names}
+    _check_new(list(paths.values()), overwrite)
+    x, labels = run_split(cfg, "test", image_shape=shape)
+    x = x.to(next(vae.parameters()).device)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ncols = max(1, int(math.ceil(math.sqrt(num_samples))))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        z = vae.prior().sample((num_samples,))
+        px = vae.decoder(z)
+        means, draws = px.mean, px.sample()
+        pairs = torch.randperm(len(x))[:2 * num_pairs].reshape(-1, 2)
+    plots.save_image_grid(paths["prior_means"], means, shape, ncols,
+                          title=f"decoder means of z ~ p(z) (seed {seed})")
+    plots.save_image_grid(paths["prior_draws"], draws, shape, ncols,
+                          title=f"x ~ p(x|z), z ~ p(z) (seed {seed})")
+    test = x[:32]
+    recon = vae.reconstruct(test)
+    rows = torch.cat([torch.stack([test[i:i + 8], recon[i:i + 8]])
+                      for i in range(0, len(test), 8)])
+    plots.save_image_grid(paths["reconstructions"], rows.reshape(-1, test.shape[-1]), shape, 8,
+                          title="test images (odd rows), reconstructions (even rows)")
+    plots.save_interpolations(paths["interpolations"], interpolate(vae, x[pairs[:, 0]],
+                                                                   x[pairs[:, 1]], steps),
+                              x[pairs[:, 0]], x[pairs[:, 1]], shape)
+    codes = torch.cat([vae.encoder(xb).mean for xb in x.split(1000)]).cpu()
+    if two_d:
+        plots.plot_latent_scatter(paths["latent_space"], codes, labels,
+                                  "test set: E_q[z|x], coloured by label", "z1", "z2")
+        grid, coords = manifold(vae, codes, n=20)
+        plots.save_manifold(paths["manifold"], grid, coords, shape)
+    else:
+        projected, explained = pca(codes, 2)
+        plots.plot_latent_scatter(paths["latent_space"], projected, labels,
+                                  f"test set: PCA of E_q[z|x] ({cfg.model.latent_dim}-D), "
+                                  f"{100 * explained:.0f}% of variance",
+                                  "principal component 1", "principal component 2")
+    return paths
+
+
+@torch.no_grad()
+def interpolate(vae: VAE, x_a: torch.Tensor, x_b: torch.Tensor, steps: int) -> torch.Tensor:
+    """Decoder means along the straight line between the encoder means of each pair,
+    ``(pairs, steps, num_pixels)``, endpoints included."""
+    za, zb = vae.encoder(x_a).mean, vae.encoder(x_b).mean
+    t = torch.linspace(0, 1, steps, device=za.device).view(1, -1, 1)
+    z = za.unsqueeze(1) * (1 - t) + zb.unsqueeze(1) * t
+    return vae.decoder(z).mean
+
+
+@torch.no_grad()
+def manifold(vae: VAE, codes: torch.Tensor, n: int = 20) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decoder means on an n x n grid of a 2-D latent space (Kingma & Welling 2014, fig. 4).
+
+    The grid is evenly spaced in probability: for the N(0, I) prior it is the Normal inverse
+    CDF at (0.5 .. n-0.5)/n; for other priors the empirical quantiles of the test codes.
+    Returns ``(n*n, num_pixels)`` images (row-major, z2 decreasing down the rows) and the
+    ``(n, 2)`` grid coordinates per axis.
+    """
+    from .priors import StandardNormalPrior
+
+    p = (torch.arange(n, dtype=torch.float64) + 0.5) / n
+    if isinstance(vae.prior, StandardNormalPrior):
+        axis = torch.distributions.Normal(0.0, 1.0).icdf(p).float()
+        coords = torch.stack([axis, axis], 1)
+    else:
+        coords = torch.quantile(codes.double(), p, dim=0).float()
+    z1, z2 = coords[:, 0], coords[:, 1].flip(0)
+    z = torch.stack(torch.meshgrid(z2, z1, indexing="ij")[::-1], -1).reshape(-1, 2)
+    device = next(vae.parameters()).device
+    return vae.decoder(z.to(device)).mean.cpu(), coords
+
+
+def pca(codes: torch.Tensor, k: int = 2) -> tuple[torch.Tensor, float]:
+    """Project ``(N, D)`` codes on their top-k principal components; also the explained
+    fraction of the variance."""
+    centred = codes.double() - codes.double().mean(0)
+    _, s, v = torch.linalg.svd(centred, full_matrices=False)
+    explained = float((s[:k] ** 2).sum() / (s ** 2).sum()) if s.numel() else 0.0
+    return (centred @ v[:k].T).float(), explained
+
+
+def score_run(run_dir: str | Path, split: str = "test", images: str | Path | None = None,
+              method: str = "nll", num_samples: int = 1000, limit: int = 0, seed: int = 0,
+              batch_size: int = 8, precision: str = "float32", out: str | Path | None = None,
+              overwrite: bool = False, device: str = "cpu") -> Path:
+    """Anomaly scores of a dataset split or of a folder of images, to a CSV file.
+
+    Columns: ``index``, ``label`` (the split's label, or the file name for a folder) and
+    ``score`` (-log p(x) or -ELBO in nats; higher is more anomalous). Folder images are
+    binarized the way the run's test images were.
+    """
+    from .data import binarize_fixed
+
+    if method not in SCORE_METHODS:
+        raise ConfigError(f"unknown score method {method!r}; choose one of: "
+                          f"{', '.join(SCORE_METHODS)}")
+    run_dir = Path(run_dir)
+    default = f"scores-{Path(images).name if images is not None else split}-{method}.csv"
+    out = Path(out) if out is not None else run_dir / default
+    cfg, vae, shape = _load(run_dir, device)
+    _check_new([out], overwrite)
+    if images is not None:
+        x, names = load_image_folder(images, shape)
+        if limit:
+            x, names = x[:limit], names[:limit]
+        x = binarize_fixed(x, cfg.data.binarize, cfg.data.threshold, cfg.train.seed + 1)
+        labels: list[Any] = names
+    else:
+        x, y = run_split(cfg, split, limit, shape)
+        labels = [int(v) for v in y]
+    x = x.to(next(vae.parameters()).device)
+    kwargs = {"precision": precision} if method == "nll" else {}
+    scores = anomaly_scores(vae, x, method, num_samples, batch_size, seed=seed, **kwargs)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["index", "label" if images is None else "file", "score"])
+        for i, (label, score) in enumerate(zip(labels, scores.tolist(), strict=True)):
+            writer.writerow([i, label, f"{score:.4f}"])
+    return out
