@@ -261,3 +261,97 @@ def write_variance_figures(out_dir: str | Path, experiment: dict[str, Any]) -> d
         paths["elbo_curves"] = out_dir / "elbo_curves.png"
         plot_training_curves(paths["elbo_curves"], experiment["curves"])
     return paths
+
+
+# -- gradient-variance experiment (issue 3) -------------------------------------------------------
+def _variance_series(experiment: dict[str, Any], group: str, key: str
+                     ) -> dict[str, tuple[list[int], list[float], list[list[float]] | None]]:
+    """Per estimator: steps, values and (if any) intervals of ``key`` for the first sweep point."""
+    rows = experiment["measurements"]
+    if not rows:
+        return {}
+    first = (rows[0]["latent_dim"], rows[0]["batch_size"])
+    rows = sorted((m for m in rows if (m["latent_dim"], m["batch_size"]) == first),
+                  key=lambda m: m["step"])
+    series: dict[str, tuple[list[int], list[float], list[list[float]] | None]] = {}
+    for m in rows:
+        for name, res in m["estimators"].items():
+            s = res["groups"][group]
+            steps, values, cis = series.setdefault(name, ([], [], []))
+            steps.append(m["step"])
+            values.append(s[key])
+            cis.append(s.get(key + "_ci") or s.get(
+                {"ratio_to_reparam": "ratio_to_reparam_ci"}.get(key, ""), None))
+    return series
+
+
+def _plot_variance_stat(path: str | Path, experiment: dict[str, Any], key: str, ylabel: str,
+                        title: str, groups: Sequence[str] = ("encoder", "decoder"),
+                        log: bool = True, reference: float | None = None) -> None:
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(groups), figsize=(5.5 * len(groups), 4), squeeze=False)
+    for ax, group in zip(axes[0], groups):
+        for name, (steps, values, cis) in _variance_series(experiment, group, key).items():
+            xs = [max(s, 1) for s in steps]  # step 0 drawn at 1 on the log axis
+            line, = ax.plot(xs, values, marker="o", ms=4, label=name)
+            if cis and all(ci is not None for ci in cis):
+                ax.fill_between(xs, [c[0] for c in cis], [c[1] for c in cis],
+                                color=line.get_color(), alpha=0.2)
+        if reference is not None:
+            ax.axhline(reference, color="grey", lw=0.8, ls="--")
+        ax.set_xscale("log")
+        if log:
+            ax.set_yscale("log")
+        ax.set_xlabel("training step (0 drawn at 1)")
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"{group}")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_training_curves(path: str | Path, curves: dict[str, dict[str, list]]) -> None:
+    """Training ELBO of each estimator against steps and against wall-clock seconds."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for name, c in curves.items():
+        axes[0].plot(c["step"], c["elbo"], label=name)
+        axes[1].plot(c["seconds"], c["elbo"], label=name)
+    for ax, xlabel in zip(axes, ("training step", "training wall-clock (s)")):
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("training ELBO per image (nats)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    lows = [min(c["elbo"]) for c in curves.values() if c["elbo"]]
+    highs = [max(c["elbo"]) for c in curves.values() if c["elbo"]]
+    if lows:  # the first steps of a score-function run are far below; keep the rest readable
+        top = max(highs)
+        bottom = max(min(lows), top - 4 * (top - sorted(c["elbo"][-1] for c in curves.values()
+                                                        if c["elbo"])[0]) - 50)
+        for ax in axes:
+            ax.set_ylim(bottom, top + 0.05 * (top - bottom))
+    fig.suptitle("ELBO during training, per estimator")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_variance_figures(out_dir: str | Path, experiment: dict[str, Any]) -> dict[str, Path]:
+    """variance_vs_step.png, snr_vs_step.png, ratio_vs_step.png, elbo_curves.png in out_dir."""
+    out_dir = Path(out_dir)
+    paths = {name: out_dir / f"{name}.png"
+             for name in ("variance_vs_step", "snr_vs_step", "ratio_vs_step")}
+    _plot_variance_stat(paths["variance_vs_step"], experiment, "trace",
+                        "trace of gradient covariance", "Gradient variance (95% bootstrap band)")
+    _plot_variance_stat(paths["snr_vs_step"], experiment, "snr", "mean |mean| / std",
+                        "Gradient signal-to-noise ratio")
+    _plot_variance_stat(paths["ratio_vs_step"], experiment, "ratio_to_reparam",
+                        "trace ratio to reparam", "Variance relative to reparam (95% band)",
+                        reference=1.0)
+    if experiment.get("curves"):
+        paths["elbo_curves"] = out_dir / "elbo_curves.png"
+        plot_training_curves(paths["elbo_curves"], experiment["curves"])
+    return paths
