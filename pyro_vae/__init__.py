@@ -16,7 +16,17 @@ from .evaluate import (
 )
 from .model import VAE
 from .networks import LIKELIHOODS, Decoder, Encoder, Likelihood
-from .priors import PRIORS, Prior
+from .priors import (
+                       PRIORS,
+                       FlowPrior,
+                       LearnedGaussianPrior,
+                       MixturePrior,
+                       Prior,
+                       StandardNormalPrior,
+                       StudentTPrior,
+                       VampPrior,
+                       build_prior,
+)
 from .train import TrainResult, fit, load_run, train
 
 __version__ = "0.1.0"
@@ -29,5 +39,7 @@ __all__ = [
     "ElboTerms", "LogLikelihood", "active_units", "anomaly_scores", "elbo_terms",
     "importance_log_likelihood", "log_likelihood",
     "VAE", "LIKELIHOODS", "Likelihood", "Encoder", "Decoder", "PRIORS", "Prior",
+    "StandardNormalPrior", "LearnedGaussianPrior", "MixturePrior", "VampPrior", "FlowPrior",
+    "StudentTPrior", "build_prior",
     "TrainResult", "fit", "train", "load_run",
 ]
