@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import tempfile
@@ -41,8 +42,21 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
-    """Save ``state`` (tensors, numbers, strings, lists and dicts of them) atomically."""
-    atomic_write_bytes(path, lambda f: torch.save(state, f))
+    """Save ``state`` (tensors, numbers, strings, lists and dicts of them) atomically.
+
+    Raises:
+        CheckpointError: if the file cannot be written (disk full, no permission); the
+            previous checkpoint, if any, is left as it was.
+    """
+    # Serialize in memory first: torch.save turns a failing file write into an obscure
+    # RuntimeError, a plain write reports OSError (e.g. ENOSPC) as it is.
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    try:
+        atomic_write_bytes(path, lambda f: f.write(buffer.getbuffer()))
+    except OSError as e:
+        raise CheckpointError(f"could not write checkpoint {path}: {e.strerror or e}; the "
+                              f"previous checkpoint, if any, is unchanged") from None
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -95,6 +95,10 @@ def check_run_dir(run_dir: Path, cfg: Config, resume: bool, overwrite: bool) -> 
         raise CheckpointError(f"output path {run_dir} exists and is not a folder")
     contents = [p for p in run_dir.iterdir()] if run_dir.is_dir() else []
     if resume:
+        if (run_dir / CONFIG_FILE).is_file() and not (run_dir / CHECKPOINT_FILE).is_file():
+            raise CheckpointError(f"cannot resume {run_dir}: it holds no {CHECKPOINT_FILE} (the "
+                                  f"run stopped before its first epoch ended); start it again "
+                                  f"with --overwrite")
         if not (run_dir / CHECKPOINT_FILE).is_file() or not (run_dir / CONFIG_FILE).is_file():
             raise CheckpointError(f"cannot resume: {run_dir} holds no {CHECKPOINT_FILE} and "
                                   f"{CONFIG_FILE}")

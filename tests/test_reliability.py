@@ -8,6 +8,7 @@ lists the same faults with what the user sees.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -38,7 +39,7 @@ from pyro_vae import (
     load_run,
 )
 from pyro_vae.checkpoint import atomic_write_bytes, load_checkpoint, save_checkpoint
-from pyro_vae.cli import main
+from pyro_vae.cli import COMMANDS, main
 from pyro_vae.config import DataConfig
 from pyro_vae.data import DATASETS, load_dataset, write_idx
 from pyro_vae.networks import LIKELIHOODS
@@ -413,12 +414,19 @@ def test_resume_with_a_different_config_is_refused(capsys, run_copy):
     assert [m["epoch"] for m in read_jsonl(run / "metrics.jsonl")] == [1, 2]
 
 
-def test_resume_without_a_checkpoint_is_refused(tmp_path, capsys):
+def test_resume_without_a_checkpoint_is_refused(tmp_path, capsys, run_copy):
     empty = tmp_path / "empty"
     empty.mkdir()
     code, err = cli(capsys, "train", "--out", empty, *TINY, "--resume")
     assert_refused(code, err, "cannot resume", "checkpoint.pt")
     assert snapshot(empty) == {}
+    # a run killed before its first epoch ended: config.toml but no checkpoint yet
+    run, flags = run_copy
+    (run / "checkpoint.pt").unlink()
+    before = snapshot(run)
+    code, err = cli(capsys, "train", "--out", run, *flags, "--resume")
+    assert_refused(code, err, "holds no checkpoint.pt", "--overwrite")
+    assert snapshot(run) == before
 
 
 def test_resume_on_images_of_another_size_is_refused(capsys, run_copy, digits):
@@ -433,6 +441,12 @@ def test_resume_on_images_of_another_size_is_refused(capsys, run_copy, digits):
     code, err = cli(capsys, "train", "--out", run, *flags, "--resume", "--epochs", "2")
     assert_refused(code, err, "cannot resume", "(1, 28, 28)", "(1, 20, 20)")
     assert snapshot(run) == before
+    # the commands that read a finished run refuse the new images the same way
+    for command in ("evaluate", "sample", "score"):
+        if command in COMMANDS:
+            code, err = cli(capsys, command, run, "--num-samples", "4")
+            assert_refused(code, err, "(1, 28, 28)", "(1, 20, 20)")
+            assert snapshot(run) == before, command
 
 
 # -- numerical faults ------------------------------------------------------------------------------
@@ -572,6 +586,22 @@ def test_a_failed_checkpoint_write_leaves_the_previous_one(tmp_path):
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]  # no temporary left
     assert torch.equal(load_checkpoint(path)["weights"], torch.arange(5.0))
+
+
+def test_a_full_disk_is_a_clear_error_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint(path, {"format": 1, "weights": torch.arange(5.0)})
+    before = path.read_bytes()
+
+    def no_space(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", no_space)
+    with pytest.raises(CheckpointError, match="could not write checkpoint .*No space left"):
+        save_checkpoint(path, {"format": 1, "weights": torch.zeros(5)})
+    monkeypatch.undo()
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
