@@ -677,7 +677,7 @@ def resume_in_process(run: Path, flags: list[str], capsys) -> None:
 
 
 def assert_same_as_reference(run: Path, reference: dict, reference_metrics: list[dict],
-                             note: str) -> None:
+                             note: str, epochs: int = 4) -> None:
     final = load_checkpoint(run / "checkpoint.pt")
     assert same_tensors(final["vae"], reference["vae"]), f"parameters differ ({note})"
     assert same_tensors(final["rng"], reference["rng"]), note
@@ -686,7 +686,8 @@ def assert_same_as_reference(run: Path, reference: dict, reference_metrics: list
         assert same_tensors({k: torch.as_tensor(v) for k, v in a.items()},
                             {k: torch.as_tensor(v) for k, v in b.items()}), note
     metrics = read_jsonl(run / "metrics.jsonl")
-    assert [m["epoch"] for m in metrics] == [1, 2, 3, 4], f"lost or duplicated epochs ({note})"
+    assert [m["epoch"] for m in metrics] == list(range(1, epochs + 1)), \
+        f"lost or duplicated epochs ({note})"
     strip = lambda ms: [{k: v for k, v in m.items() if k != "seconds"} for m in ms]  # noqa: E731
     assert strip(metrics) == strip(reference_metrics), note
 
@@ -719,7 +720,7 @@ def test_sigint_saves_at_a_step_boundary_and_resume_equals_an_uninterrupted_run(
     run = tmp_path / "run"
     proc = start_training(run, flags)
     epoch_seconds = wait_for_first_checkpoint(proc, run)
-    delay = random.Random(seed).uniform(0, 0.8 * epoch_seconds)
+    delay = random.Random(seed).uniform(0.1, 0.8) * epoch_seconds
     time.sleep(delay)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
@@ -727,11 +728,40 @@ def test_sigint_saves_at_a_step_boundary_and_resume_equals_an_uninterrupted_run(
     assert proc.returncode == 130, (note, err)
     assert "interrupted: checkpoint saved" in err and "Traceback" not in err, err
     position = load_checkpoint(run / "checkpoint.pt")["position"]
-    # saved where it stopped, not at the last epoch end
-    assert position["global_step"] > 40 and position["epoch"] < 4, (note, position)
+    # saved where it stopped (a step boundary inside epoch 2 or 3), not at the last epoch end
+    assert position["global_step"] >= 40 and position["epoch"] < 4, (note, position)
     assert position["global_step"] == 40 * position["epoch"] + position["batch_in_epoch"]
     resume_in_process(run, flags, capsys)
     assert_same_as_reference(run, reference, reference_metrics, note)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_ctrl_c_saves_at_the_next_step_boundary(tmp_path, capsys, monkeypatch, data_dir):
+    # Deterministic companion of the test above: Ctrl-C arrives during step 8 (epoch 2).
+    flags = ["--dataset", "mnist", "--data-dir", data_dir, *TINY, "--epochs", "2"]
+    code, err = cli(capsys, "train", "--out", tmp_path / "reference", *flags)
+    assert code == 0, err
+    step = Trainer.step
+
+    def step_and_ctrl_c(self, x):
+        loss = step(self, x)
+        if self.global_step + 1 == 8:
+            os.kill(os.getpid(), signal.SIGINT)
+        return loss
+
+    monkeypatch.setattr(Trainer, "step", step_and_ctrl_c)
+    run = tmp_path / "run"
+    code, err = cli(capsys, "train", "--out", run, *flags)
+    assert code == 130 and "interrupted: checkpoint saved" in err, err
+    position = load_checkpoint(run / "checkpoint.pt")["position"]
+    assert (position["epoch"], position["batch_in_epoch"], position["global_step"]) == (1, 2, 8)
+    assert [m["epoch"] for m in read_jsonl(run / "metrics.jsonl")] == [1]
+    monkeypatch.setattr(Trainer, "step", step)
+    code, err = cli(capsys, "train", "--out", run, *flags, "--resume")
+    assert code == 0, err
+    assert_same_as_reference(run, load_checkpoint(tmp_path / "reference" / "checkpoint.pt"),
+                             read_jsonl(tmp_path / "reference" / "metrics.jsonl"), "ctrl-c",
+                             epochs=2)
 
 
 # -- hostile checkpoints ---------------------------------------------------------------------------
