@@ -119,3 +119,22 @@ def test_binarization_modes(mnist5k_grey):
 def test_missing_data_folder_is_a_clear_error(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         load_dataset(DataConfig(dataset="mnist", data_dir=str(tmp_path / "no" / "such")))
+
+
+def test_download_failure_names_the_folder_and_the_alternatives(tmp_path, monkeypatch):
+    import urllib.error
+
+    import torchvision.datasets
+
+    def offline(*args, **kwargs):
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz",
+                           urllib.error.URLError("Temporary failure in name resolution"))
+
+    monkeypatch.setattr(torchvision.datasets, "KMNIST", offline)
+    (tmp_path / "kmnist").mkdir()
+    with pytest.raises(DataError) as info:
+        load_dataset(DataConfig(dataset="kmnist", data_dir=str(tmp_path / "kmnist")))
+    message = str(info.value)
+    assert str(tmp_path / "kmnist") in message
+    assert "--data-dir" in message and "mnist-5k" in message
+    assert "\n" not in message

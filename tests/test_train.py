@@ -111,3 +111,18 @@ def test_batch_larger_than_dataset_is_rejected():
     cfg.data.train_limit = 256
     with pytest.raises(ConfigError, match="larger than the 256 training images"):
         fit(cfg)
+
+
+@pytest.mark.parametrize("arch, likelihood", [("conv", "bernoulli"), ("mlp", "gaussian"),
+                                              ("mlp", "continuous-bernoulli")])
+def test_every_architecture_and_likelihood_trains(arch, likelihood, mnist5k_grey):
+    cfg = tiny_config(epochs=2, batch_size=50)
+    cfg.model.arch, cfg.model.likelihood = arch, likelihood
+    cfg.model.learn_gaussian_scale = likelihood == "gaussian"
+    if likelihood != "bernoulli":
+        cfg.data.binarize = "none"
+    cfg.data.train_limit = 500
+    result = fit(cfg, dataset=mnist5k_grey)
+    first, last = result.metrics[0]["train_elbo"], result.metrics[-1]["train_elbo"]
+    assert all(torch.isfinite(torch.tensor(m["test_elbo"])) for m in result.metrics)
+    assert last > first
