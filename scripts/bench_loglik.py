@@ -67,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compare-images", type=int, default=100,
                    help="images on which bfloat16 and float32 estimates are compared")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--peak-size", type=int, default=2048, help="side of the peak-rate GEMM")
     p.add_argument("--precisions", nargs="+", default=["bfloat16", "float32"])
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -74,11 +75,11 @@ def main(argv: list[str] | None = None) -> int:
     x, _ = run_split(cfg, "test", args.limit)
     n, k = len(x), args.num_samples
     flops = decoder_flops(vae) * n * k
-    peak32 = gemm_peak(torch.float32)
-    peak16 = gemm_peak(torch.bfloat16)
+    peak32 = gemm_peak(torch.float32, args.peak_size)
+    peak16 = gemm_peak(torch.bfloat16, args.peak_size)
     print(f"{cfg.data.dataset} test: {n} images, K = {k}, decoder {decoder_flops(vae) / 2:.0f} "
           f"MACs/sample -> {flops:.3g} FLOP; threads {args.threads}")
-    print(f"measured GEMM peak (2048^3): float32 {peak32:.0f} GFLOP/s, bfloat16 "
+    print(f"measured GEMM peak ({args.peak_size}^3): float32 {peak32:.0f} GFLOP/s, bfloat16 "
           f"{peak16:.0f} GFLOP/s")
     for precision in args.precisions:
         start = time.perf_counter()

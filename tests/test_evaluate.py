@@ -295,3 +295,32 @@ def test_commands_reject_bad_run_folders(tmp_path, capsys):
     for command in ("evaluate", "sample", "score"):
         assert main([command, str(tmp_path / "missing")]) == 2
         assert "not a run folder" in capsys.readouterr().err
+
+
+def _script(name: str):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_script_runs(runs, capsys):
+    assert _script("bench_loglik").main([str(runs[2]), "--num-samples", "20", "--limit", "3",
+                                         "--loop-images", "1", "--compare-images", "2",
+                                         "--peak-size", "128"]) == 0
+    out = capsys.readouterr().out
+    assert "plain per-image loop" in out and "% of float32 peak" in out
+
+
+def test_anomaly_script_runs(tmp_path, capsys):
+    out = tmp_path / "anomaly"
+    assert _script("anomaly_experiment").main([
+        "--out", str(out), "--epochs", "1", "--latent-dim", "2", "--hidden-dims", "32",
+        "--num-samples", "4", "--test-limit", "60"]) == 0
+    report = json.loads((out / "anomaly.json").read_text())
+    assert 0.0 <= report["auroc"]["nll"] <= 1.0 and report["held_out_classes"] == [5, 6, 7, 8, 9]
+    assert (out / "anomaly_hist.png").is_file() and (out / "scores.csv").is_file()
