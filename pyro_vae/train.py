@@ -14,6 +14,7 @@ repeats the uninterrupted one exactly on the CPU.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import signal
 import threading
@@ -46,6 +47,8 @@ RESUMABLE_KEYS = {("train", "epochs"), ("train", "progress"), ("train", "device"
                   ("train", "max_bad_steps"), ("train", "eval_batch_size"),
                   ("train", "fast_path")}
 _MODULE_PREFIXES = ("encoder$$$", "decoder$$$", "prior$$$", "estimator$$$")
+#: Skipped steps are reported here (stderr through logging's last-resort handler by default).
+_LOG = logging.getLogger(__name__)
 
 
 @dataclass
@@ -294,6 +297,10 @@ class Trainer:
             self._log_event({"event": "non-finite", "step": self.global_step + 1,
                              "epoch": self.epoch + 1, "loss": repr(loss),
                              "grad_norm": repr(float(grad_norm))})
+            _LOG.warning("step %d (epoch %d) skipped: non-finite loss or gradient (loss %r, "
+                         "gradient norm %r); %d of at most %d", self.global_step + 1,
+                         self.epoch + 1, loss, float(grad_norm), self.bad_steps,
+                         self.cfg.train.max_bad_steps)
             if self.bad_steps >= self.cfg.train.max_bad_steps:
                 saved = self.run_dir is not None and (self.run_dir / CHECKPOINT_FILE).is_file()
                 raise TrainingError(

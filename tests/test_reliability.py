@@ -474,11 +474,15 @@ def real_digits(mnist5k_grey, n: int = NUM_TRAIN) -> Dataset:
                    Split(mnist5k_grey.test.images[:NUM_TEST], mnist5k_grey.test.labels[:NUM_TEST]))
 
 
-def test_a_non_finite_gradient_is_skipped_logged_and_training_goes_on(tmp_path, mnist5k_grey):
+def test_a_non_finite_gradient_is_skipped_logged_and_training_goes_on(tmp_path, mnist5k_grey,
+                                                                      caplog):
     cfg = tiny_cfg(epochs=2)
     trainer, record = trainer_with_spy(cfg, real_digits(mnist5k_grey), tmp_path / "run")
     poison_gradients(trainer, bad_steps={4, 9})
-    assert trainer.run()
+    with caplog.at_level("WARNING", logger="pyro_vae.train"):
+        assert trainer.run()
+    assert [r.getMessage().split(" skipped")[0] for r in caplog.records] == [
+        "step 4 (epoch 1)", "step 9 (epoch 2)"]
     by_step = {s: (loss, before, after) for s, loss, before, after in record}
     assert len(by_step) == 12
     for s, (loss, before, after) in by_step.items():
@@ -706,8 +710,12 @@ def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run(tmp_path, cap
     proc.kill()
     assert proc.wait() == -signal.SIGKILL
     proc.communicate()
-    note = f"PYRO_VAE_KILL_SEED={seed}, killed {delay:.3f} s after epoch 1 ({epoch_seconds:.2f} s)"
-    assert load_checkpoint(run / "checkpoint.pt")["position"]["epoch"] in (1, 2), note
+    saved = load_checkpoint(run / "checkpoint.pt")["position"]
+    note = (f"PYRO_VAE_KILL_SEED={seed}: SIGKILL {delay:.3f} s after epoch 1 "
+            f"({epoch_seconds:.2f} s); checkpoint at epoch {saved['epoch']}, "
+            f"{len(read_jsonl(run / 'metrics.jsonl'))} metrics lines")
+    print(note)  # shown with pytest -s: where the kill landed
+    assert saved["epoch"] in (1, 2), note
     resume_in_process(run, flags, capsys)
     assert_same_as_reference(run, reference, reference_metrics, note)
 
@@ -728,6 +736,7 @@ def test_sigint_saves_at_a_step_boundary_and_resume_equals_an_uninterrupted_run(
     assert proc.returncode == 130, (note, err)
     assert "interrupted: checkpoint saved" in err and "Traceback" not in err, err
     position = load_checkpoint(run / "checkpoint.pt")["position"]
+    print(note, position)
     # saved where it stopped (a step boundary inside epoch 2 or 3), not at the last epoch end
     assert position["global_step"] >= 40 and position["epoch"] < 4, (note, position)
     assert position["global_step"] == 40 * position["epoch"] + position["batch_in_epoch"]
