@@ -28,6 +28,7 @@ from .priors import (
                        build_prior,
 )
 from .train import TrainResult, fit, load_run, train
+from .variance import measure_gradient_variance, variance_experiment
 
 __version__ = "0.1.0"
 
@@ -42,4 +43,5 @@ __all__ = [
     "StandardNormalPrior", "LearnedGaussianPrior", "MixturePrior", "VampPrior", "FlowPrior",
     "StudentTPrior", "build_prior",
     "TrainResult", "fit", "train", "load_run",
+    "measure_gradient_variance", "variance_experiment",
 ]
