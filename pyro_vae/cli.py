@@ -258,103 +258,10 @@ def _run_variance(args: argparse.Namespace) -> int:
     return 0
 
 
-# -- variance (issue 3) ---------------------------------------------------------------------------
-def _add_variance(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", required=True, metavar="DIR",
-                   help="output folder: variance.json, variance.csv and the figures")
-    p.add_argument("--runs", nargs="+", default=[], metavar="RUN_DIR",
-                   help="measure these runs' checkpoints instead of training a reference run")
-    p.add_argument("--estimators", nargs="+", default=["reparam", "score", "score-avg-baseline"],
-                   metavar="NAME", help="estimators to measure [default: reparam score "
-                   "score-avg-baseline]")
-    p.add_argument("--checkpoints", nargs="+", type=int, default=[0, 100, 500, 1000],
-                   metavar="STEP", help="steps of the reference run to measure at "
-                   "[default: 0 100 500 1000]")
-    p.add_argument("--draws", type=int, default=1000, help="gradient draws R per estimator "
-                   "[default: 1000]")
-    p.add_argument("--oracle-draws", type=int, default=2000,
-                   help="draws of the reparametrized oracle mean gradient [default: 2000]")
-    p.add_argument("--measure-batch", type=int, default=256,
-                   help="size of the fixed minibatch [default: 256]")
-    p.add_argument("--latent-dims", nargs="+", type=int, default=[], metavar="D",
-                   help="sweep: one reference run per latent dimension")
-    p.add_argument("--batch-sizes", nargs="+", type=int, default=[], metavar="B",
-                   help="sweep: measure on a fixed minibatch of each size")
-    p.add_argument("--curve-steps", type=int, default=0,
-                   help="also train each estimator this many steps for ELBO curves [default: 0]")
-    p.add_argument("--overwrite", action="store_true", help="replace outputs in DIR")
-    p.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
-    add_config_flags(p)  # --precision bf16 also runs the gradient draws' products in bfloat16
-
-
-def _run_variance(args: argparse.Namespace) -> int:
-    import json
-    from pathlib import Path
-
-    from .checkpoint import atomic_write_text
-    from .data import load_dataset
-    from .errors import CheckpointError, ConfigError
-    from .variance import variance_experiment, variance_rows
-
-    out = Path(args.out)
-    if (out / "variance.json").exists() and not args.overwrite:
-        raise CheckpointError(f"{out} already holds variance.json; pass --overwrite or choose "
-                              f"another --out")
-    for flag, values in (("--draws", [args.draws]), ("--oracle-draws", [args.oracle_draws]),
-                         ("--measure-batch", [args.measure_batch]),
-                         ("--latent-dims", args.latent_dims), ("--batch-sizes", args.batch_sizes)):
-        bad = [v for v in values if v < (2 if flag == "--draws" else 1)]
-        if bad:
-            raise ConfigError(f"{flag} {bad[0]} is invalid: must be a positive integer"
-                              f"{' >= 2' if flag == '--draws' else ''}")
-    cfg = config_from_args(args)
-    runs = []
-    for run_dir in args.runs:
-        from .train import load_run
-
-        run_cfg, vae, state = load_run(run_dir)
-        runs.append((str(run_dir), state["position"]["global_step"], run_cfg, vae,
-                     state.get("param_store_extras", {})))
-    if runs:
-        cfg = runs[0][2]
-    dataset = load_dataset(cfg.data)
-    experiment = variance_experiment(
-        cfg, dataset, args.estimators, checkpoints=args.checkpoints, num_draws=args.draws,
-        oracle_draws=args.oracle_draws, measure_batch=args.measure_batch,
-        latent_dims=args.latent_dims, batch_sizes=args.batch_sizes,
-        curve_steps=args.curve_steps, seed=cfg.train.seed, precision=cfg.train.precision,
-        runs=runs,
-        log=lambda message: print(message, file=sys.stderr) if cfg.train.progress else None)
-    out.mkdir(parents=True, exist_ok=True)
-    rows = variance_rows(experiment)
-    atomic_write_text(out / "variance.json", json.dumps(experiment, indent=1))
-    header = list(rows[0]) if rows else []
-    atomic_write_text(out / "variance.csv", "".join(
-        ",".join(str(r[k]) for k in header) + "\n" for r in [dict(zip(header, header)), *rows]))
-    if not args.no_figures:
-        from .plots import write_variance_figures
-
-        write_variance_figures(out, experiment)
-    t = experiment["timing"]
-    print(f"measured {len(experiment['measurements'])} checkpoint(s) x "
-          f"{len(args.estimators)} estimator(s), R = {args.draws}: measurement "
-          f"{t['measurement_s']:.1f} s, reference training {t['reference_training_s']:.1f} s; "
-          f"outputs in {out}")
-    for m in experiment["measurements"]:
-        for name, res in m["estimators"].items():
-            enc, dec = res["groups"]["encoder"], res["groups"]["decoder"]
-            print(f"  step {m['step']:>6} {name:<20} encoder var x{enc['ratio_to_reparam']:.3g} "
-                  f"(SNR {enc['snr']:.3g}, cos {enc['cosine']:.3f}); decoder var "
-                  f"x{dec['ratio_to_reparam']:.3g}")
-    return 0
-
-
 #: Subcommand name -> (help, add_arguments, run). Add a subcommand with one entry.
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None],
                           Callable[[argparse.Namespace], int]]] = {
     "train": ("train a VAE with SVI", _add_train, _run_train),
-    "variance": ("gradient-estimator variance at checkpoints of a training run",
-                 _add_variance, _run_variance),
     "variance": ("gradient-estimator variance at checkpoints of a training run",
                  _add_variance, _run_variance),
     "evaluate": ("test ELBO, importance-sampled log p(x), active units", _add_evaluate,
