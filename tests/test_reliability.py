@@ -94,7 +94,7 @@ def as_uint8(split: Split, n: int) -> tuple[np.ndarray, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def digits(mnist5k_grey) -> dict[str, np.ndarray]:
-    """Real MNIST digits as uint8 arrays: 300 train and 100 test images."""
+    """Real MNIST digits as uint8 arrays: 1,000 train and 200 test images."""
     train_x, train_y = as_uint8(mnist5k_grey.train, 1000)
     test_x, test_y = as_uint8(mnist5k_grey.test, 200)
     return {"train_x": train_x, "train_y": train_y, "test_x": test_x, "test_y": test_y}
@@ -629,8 +629,10 @@ def test_sigkill_during_a_checkpoint_write_leaves_the_previous_one(tmp_path):
     assert torch.equal(load_checkpoint(path)["weights"], torch.arange(5.0))
 
 
-KILL_FLAGS = ["--hidden-dims", "32", "--latent-dim", "4", "--batch-size", "25", "--epochs", "4",
-              "--seed", "7", "--no-progress"]
+KILL_TRAIN, KILL_BATCH = 600, 20
+KILL_STEPS_PER_EPOCH = KILL_TRAIN // KILL_BATCH
+KILL_FLAGS = ["--hidden-dims", "32", "--latent-dim", "4", "--batch-size", str(KILL_BATCH),
+              "--epochs", "4", "--seed", "7", "--no-progress"]
 
 
 @pytest.fixture(scope="module")
@@ -641,7 +643,7 @@ def kill_setup(tmp_path_factory, digits):
     so results may be compared bit for bit.
     """
     root = tmp_path_factory.mktemp("kill")
-    data = idx_folder(root / "idx", digits, num_train=1000, num_test=200)
+    data = idx_folder(root / "idx", digits, num_train=KILL_TRAIN, num_test=200)
     flags = ["--dataset", "mnist", "--data-dir", str(data), *KILL_FLAGS]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -714,7 +716,8 @@ def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run(tmp_path, cap
     note = (f"PYRO_VAE_KILL_SEED={seed}: SIGKILL {delay:.3f} s after epoch 1 "
             f"({epoch_seconds:.2f} s); checkpoint at epoch {saved['epoch']}, "
             f"{len(read_jsonl(run / 'metrics.jsonl'))} metrics lines")
-    print(note)  # shown with pytest -s: where the kill landed
+    with capsys.disabled():  # shown with pytest -s: where the kill landed
+        print(note)
     assert saved["epoch"] in (1, 2), note
     resume_in_process(run, flags, capsys)
     assert_same_as_reference(run, reference, reference_metrics, note)
@@ -736,10 +739,13 @@ def test_sigint_saves_at_a_step_boundary_and_resume_equals_an_uninterrupted_run(
     assert proc.returncode == 130, (note, err)
     assert "interrupted: checkpoint saved" in err and "Traceback" not in err, err
     position = load_checkpoint(run / "checkpoint.pt")["position"]
-    print(note, position)
+    with capsys.disabled():
+        print(note, position)
     # saved where it stopped (a step boundary inside epoch 2 or 3), not at the last epoch end
-    assert position["global_step"] >= 40 and position["epoch"] < 4, (note, position)
-    assert position["global_step"] == 40 * position["epoch"] + position["batch_in_epoch"]
+    assert position["global_step"] >= KILL_STEPS_PER_EPOCH and position["epoch"] < 4, \
+        (note, position)
+    assert position["global_step"] == (KILL_STEPS_PER_EPOCH * position["epoch"]
+                                       + position["batch_in_epoch"])
     resume_in_process(run, flags, capsys)
     assert_same_as_reference(run, reference, reference_metrics, note)
 
