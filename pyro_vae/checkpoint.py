@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,16 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
                               f"previous checkpoint, if any, is unchanged") from None
 
 
+def _unpickling_reason(error: Exception) -> str:
+    """The line of torch's long weights-only error that names what was refused."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))
+    match = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if match:
+        return f"it asks to run or build {match.group(1)}"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else "refused by the weights-only unpickler"
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint with ``weights_only=True``: tensors and plain containers only.
 
@@ -72,9 +83,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else "refused"
         raise CheckpointError(f"refusing to load {path}: it is not a plain-tensor checkpoint "
-                              f"({first})") from None
+                              f"({_unpickling_reason(e)}); never load it with "
+                              f"weights_only=False unless you trust its source") from None
     except (RuntimeError, EOFError, OSError) as e:
         raise CheckpointError(f"checkpoint {path} is unreadable or corrupt: "
                               f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None

@@ -799,11 +799,11 @@ def test_a_checkpoint_that_would_run_code_is_refused(tmp_path, capsys, run_copy)
     assert marker.read_text() == "pwned"
     marker.unlink()
 
-    with pytest.raises(CheckpointError, match="refusing to load"):
+    with pytest.raises(CheckpointError, match="refusing to load .*asks to run or build exec"):
         load_checkpoint(crafted)
     legacy = tmp_path / "legacy.pt"
     legacy.write_bytes(pickle.dumps({"format": 1, "vae": _RunsCode(marker)}, protocol=2))
-    with pytest.raises(CheckpointError, match="refusing to load|unreadable"):
+    with pytest.raises(CheckpointError, match="refusing to load .*asks to run or build exec"):
         load_checkpoint(legacy)
 
     # in a run folder: load_run and --resume refuse it too, leaving the folder as it was
@@ -813,7 +813,7 @@ def test_a_checkpoint_that_would_run_code_is_refused(tmp_path, capsys, run_copy)
         load_run(run)
     before = snapshot(run)
     code, err = cli(capsys, "train", "--out", run, *flags, "--resume", "--epochs", "2")
-    assert_refused(code, err, "refusing to load", "checkpoint.pt")
+    assert_refused(code, err, "refusing to load", "checkpoint.pt", "exec")
     assert snapshot(run) == before
     assert not marker.exists()
 
