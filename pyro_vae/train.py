@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import signal
 import threading
 import time
@@ -96,6 +97,12 @@ def check_run_dir(run_dir: Path, cfg: Config, resume: bool, overwrite: bool) -> 
         raise ConfigError("--resume and --overwrite exclude each other")
     if run_dir.exists() and not run_dir.is_dir():
         raise CheckpointError(f"output path {run_dir} exists and is not a folder")
+    nearest = next(p for p in (run_dir, *run_dir.absolute().parents) if p.exists())
+    if not nearest.is_dir():
+        raise CheckpointError(f"cannot create output folder {run_dir}: {nearest} is a file")
+    if not os.access(nearest, os.W_OK | os.X_OK):
+        raise CheckpointError(f"cannot write to {nearest} (permission denied); choose another "
+                              f"--out")
     contents = [p for p in run_dir.iterdir()] if run_dir.is_dir() else []
     if resume:
         if (run_dir / CONFIG_FILE).is_file() and not (run_dir / CHECKPOINT_FILE).is_file():

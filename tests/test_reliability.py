@@ -397,7 +397,23 @@ def test_output_folder_with_other_files_or_a_file_path_is_refused(tmp_path, caps
     assert_refused(code, err, "already holds other files")
     code, err = cli(capsys, "train", "--out", folder / "holiday.jpg", *TINY)
     assert_refused(code, err, "exists and is not a folder")
+    code, err = cli(capsys, "train", "--out", folder / "holiday.jpg" / "run", *TINY)
+    assert_refused(code, err, "cannot create output folder", "holiday.jpg is a file")
     assert snapshot(folder) == {"holiday.jpg": b"\xff\xd8 not a run"}
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0,
+                    reason="root may write anywhere")
+def test_an_unwritable_output_folder_is_refused(tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        code, err = cli(capsys, "train", "--out", locked / "run", *TINY)
+    finally:
+        locked.chmod(0o700)
+    assert_refused(code, err, "permission denied")
+    assert not (locked / "run").exists()
 
 
 def test_resume_with_a_different_config_is_refused(capsys, run_copy):
