@@ -79,6 +79,14 @@ def epoch_order(num_data: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(num_data, generator=generator)
 
 
+def _short(error: Exception) -> str:
+    """The informative line of a multi-line error (torch puts a heading ending in ':' first)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    return lines[1] if len(lines) > 1 and lines[0].endswith(":") else lines[0]
+
+
 # -- run folders ----------------------------------------------------------------------------------
 def _config_differences(old: Config, new: Config) -> list[str]:
     a, b = old.to_dict(), new.to_dict()
@@ -252,7 +260,17 @@ class Trainer:
         state = load_checkpoint(self.run_dir / CHECKPOINT_FILE, self.device)
         check_image_shape(state["image_shape"], self.dataset.image_shape,
                           f"cannot resume {self.run_dir}")
-        self.load_state_dict(state)
+        # config.toml was compared in check_run_dir; the checkpoint carries its own copy, which
+        # differs only if one of the two files was edited or replaced by hand.
+        differences = _config_differences(Config.from_dict(state["config"]), self.cfg)
+        if differences:
+            raise CheckpointError(f"cannot resume {self.run_dir}: its {CHECKPOINT_FILE} was made "
+                                  f"with a different config: {'; '.join(differences)}")
+        try:
+            self.load_state_dict(state)
+        except (KeyError, RuntimeError, ValueError) as e:
+            raise CheckpointError(f"cannot resume {self.run_dir}: {CHECKPOINT_FILE} does not fit "
+                                  f"the model ({_short(e)})") from None
         # A crash between appending a metrics line and saving the checkpoint would otherwise
         # leave a line for an epoch that is about to be run again.
         if self.workers.is_main:
@@ -439,5 +457,9 @@ def load_run(run_dir: str | Path, device: str = "cpu") -> tuple[Config, VAE, dic
     state = load_checkpoint(run_dir / CHECKPOINT_FILE, device)
     cfg = Config.from_dict(state["config"]).validate()
     vae = VAE.from_config(cfg, tuple(state["image_shape"])).to(device)
-    vae.load_state_dict(state["vae"])
+    try:
+        vae.load_state_dict(state["vae"])
+    except (KeyError, RuntimeError) as e:
+        raise CheckpointError(f"{run_dir / CHECKPOINT_FILE} does not fit the model its config "
+                              f"describes ({_short(e)})") from None
     return cfg, vae.eval(), state

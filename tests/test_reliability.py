@@ -430,6 +430,31 @@ def test_resume_with_a_different_config_is_refused(capsys, run_copy):
     assert [m["epoch"] for m in read_jsonl(run / "metrics.jsonl")] == [1, 2]
 
 
+def test_resume_with_a_hand_edited_config_or_a_mismatched_checkpoint_is_refused(capsys,
+                                                                                run_copy):
+    run, flags = run_copy
+    # config.toml edited to match new flags: the checkpoint's own copy still disagrees
+    text = (run / "config.toml").read_text()
+    (run / "config.toml").write_text(text.replace("latent_dim = 2", "latent_dim = 3"))
+    before = snapshot(run)
+    code, err = cli(capsys, "train", "--out", run, *flags, "--latent-dim", "3", "--resume",
+                    "--epochs", "2")
+    assert_refused(code, err, "checkpoint.pt was made with a different config",
+                   "model.latent_dim (2 -> 3)")
+    assert snapshot(run) == before
+    # a checkpoint whose tensors do not fit the model (one is missing)
+    (run / "config.toml").write_text(text)
+    state = load_checkpoint(run / "checkpoint.pt")
+    del state["vae"][next(iter(state["vae"]))]
+    save_checkpoint(run / "checkpoint.pt", state)
+    before = snapshot(run)
+    code, err = cli(capsys, "train", "--out", run, *flags, "--resume", "--epochs", "2")
+    assert_refused(code, err, "checkpoint.pt does not fit the model", "Missing key")
+    assert snapshot(run) == before
+    with pytest.raises(CheckpointError, match="does not fit the model"):
+        load_run(run)
+
+
 def test_resume_without_a_checkpoint_is_refused(tmp_path, capsys, run_copy):
     empty = tmp_path / "empty"
     empty.mkdir()
