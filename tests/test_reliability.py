@@ -828,7 +828,7 @@ class _RunsCode:
         self.marker = marker
 
     def __reduce__(self):
-        return (exec, (f"open({str(self.marker)!r}, 'w').write('pwned')",))
+        return (exec, (f"__import__('pathlib').Path({str(self.marker)!r}).write_text('pwned')",))
 
 
 def test_a_checkpoint_that_would_run_code_is_refused(tmp_path, capsys, run_copy):
