@@ -149,6 +149,9 @@ class TrainConfig:
     precision: str = option("float32", "bf16: matrix products in bfloat16 under autocast, "
                                        "densities and sums in float32",
                             choices=["float32", "bf16"])
+    threads: int = option(0, "CPU threads for torch (0: torch's default, one per core); on a "
+                             "machine shared with other jobs 1 is often much faster",
+                          check=_non_negative, need=">= 0")
 
 
 @dataclass

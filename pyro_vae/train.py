@@ -46,7 +46,7 @@ CHECKPOINT_FORMAT = 1
 #: Config keys that may differ between a run and its resumption.
 RESUMABLE_KEYS = {("train", "epochs"), ("train", "progress"), ("train", "device"),
                   ("train", "max_bad_steps"), ("train", "eval_batch_size"),
-                  ("train", "fast_path")}
+                  ("train", "fast_path"), ("train", "threads")}
 _MODULE_PREFIXES = ("encoder$$$", "decoder$$$", "prior$$$", "estimator$$$")
 #: Skipped steps are reported here (stderr through logging's last-resort handler by default).
 _LOG = logging.getLogger(__name__)
@@ -408,6 +408,8 @@ def fit(config: Config, run_dir: str | Path | None = None, *, resume: bool = Fal
     """
     config.validate()
     workers = distributed.setup(config.train.device)  # joins torchrun's processes, if any
+    if config.train.threads:
+        torch.set_num_threads(config.train.threads)
     run_dir = Path(run_dir) if run_dir is not None else None
     if run_dir is not None:
         check_run_dir(run_dir, config, resume, overwrite)

@@ -155,3 +155,12 @@ def test_fast_path_is_used_only_where_valid(monkeypatch):
 def test_bad_precision_is_a_config_error():
     with pytest.raises(ConfigError, match="fp8"):
         tiny_config(precision="fp8").validate()
+
+
+def test_threads_option_sets_torch_threads():
+    before = torch.get_num_threads()
+    try:
+        fit(tiny_config(threads=1, epochs=1), dataset=small_dataset(num_train=128, num_test=32))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
