@@ -14,7 +14,8 @@ binarized full Fashion-MNIST:
 - ``plain``           a plain PyTorch VAE written below, float32, torch.optim.Adam defaults;
 - ``plain-bf16``      the same under bfloat16 autocast;
 - ``pyro-tutorial``   the loop of Pyro's VAE tutorial: SVI(model, guide, pyro.optim.Adam,
-                      Trace_ELBO()).step(x).
+                      Trace_ELBO()).step(x), with the tutorial's unscaled plate (Adam is
+                      nearly blind to a constant factor on the loss).
 
 Each implementation lives in its own worker process (same thread count for all), so its peak
 resident memory is its own. The parent interleaves them: in each round every worker trains on
