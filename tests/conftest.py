@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pyro
@@ -9,6 +10,9 @@ import pytest
 import torch
 
 from pyro_vae import Config, Dataset, Split
+
+# CLI tests run pyro-vae in subprocesses; give them one OpenMP thread too (see _fresh_pyro).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 #: The real MNIST test split that CI places beside the clone; absent in a user's clone.
 SHARED_MNIST = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "MNIST" / "raw"
@@ -19,7 +23,9 @@ def _fresh_pyro():
     pyro.clear_param_store()
     pyro.set_rng_seed(0)
     pyro.enable_validation(True)
-    torch.set_num_threads(min(2, torch.get_num_threads()))
+    # One thread: small test networks gain little from more, and a second OpenMP thread that
+    # spins on a busy machine can slow a step down tenfold.
+    torch.set_num_threads(1)
     yield
     pyro.clear_param_store()
 
