@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 from .config import Config, config_fields
 from .errors import PyroVAEError

@@ -30,11 +30,17 @@ import torch
 from . import distributed
 from .checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
 from .config import Config
-from .data import (Dataset, binarize_batch, check_image_shape, check_observations, load_dataset,
-                   prepare_observations)
+from .data import (
+    Dataset,
+    binarize_batch,
+    check_image_shape,
+    check_observations,
+    load_dataset,
+    prepare_observations,
+)
 from .errors import CheckpointError, ConfigError, PyroVAEError, TrainingError
-from .evaluate import elbo_per_image
 from .estimators import ESTIMATORS
+from .evaluate import elbo_per_image
 from .fast import adam, keep_float32_outputs, make_fast_elbo, precision_context
 from .model import VAE
 
@@ -384,7 +390,8 @@ class Trainer:
                       "bad_steps": self._epoch_bad}
             self.metrics.append(record)
             self.epoch += 1
-            self.batch_in_epoch, self._epoch_loss, self._epoch_seconds, self._epoch_bad = 0, 0.0, 0.0, 0
+            self.batch_in_epoch, self._epoch_loss = 0, 0.0
+            self._epoch_seconds, self._epoch_bad = 0.0, 0
             if self.run_dir is not None and self.workers.is_main:
                 with open(self.run_dir / METRICS_FILE, "a") as f:
                     f.write(json.dumps(record) + "\n")
