@@ -31,7 +31,8 @@ from typing import Any
 
 import pyro
 import torch
-from torch.func import functional_call, grad, vmap
+from torch import nn
+from torch.func import functional_call, grad, vjp, vmap
 
 from .errors import ConfigError
 from .estimators import AVG_BASELINE_PARAM, ESTIMATORS, Draw, Estimator
@@ -157,15 +158,23 @@ class _Moments:
         self.dot_ref: dict[str, list[torch.Tensor]] = {g: [] for g in groups}
 
     def add(self, grads: dict[str, torch.Tensor]) -> None:
+        """Add a chunk of draws; ``grads`` are consumed (overwritten in place).
+
+        Memory bandwidth, not arithmetic, bounds this step on small CPUs, so each chunk is read
+        as few times as possible: within a chunk sums are float32 (of values already shifted
+        by the oracle), across chunks float64.
+        """
         n = next(iter(grads.values())).shape[0]
         sq_norms, dots = {}, {}
         for k, g in grads.items():
-            d = g - self.reference[k]
-            dd = d * d
-            self.sum[k] += d.sum(0, dtype=torch.float64)
-            self.sumsq[k] += dd.sum(0, dtype=torch.float64)
-            sq_norms[k] = dd.reshape(n, -1).sum(1, dtype=torch.float64)
-            dots[k] = (d.reshape(n, -1).double() @ self.reference[k].reshape(-1).double())
+            d = g.sub_(self.reference[k]) if g.dtype == torch.float32 else \
+                g.float() - self.reference[k]
+            flat = d.reshape(n, -1)
+            self.sum[k] += d.sum(0)
+            dots[k] = (flat @ self.reference[k].reshape(-1)).double()
+            d.square_()
+            self.sumsq[k] += d.sum(0)
+            sq_norms[k] = flat.sum(1).double()
         for group, names in self.groups.items():
             self.sq_dev[group].append(sum(sq_norms[k] for k in names))
             self.dot_ref[group].append(sum(dots[k] for k in names))
@@ -217,25 +226,83 @@ def _interval(samples: torch.Tensor, level: float = 0.95) -> list[float]:
 
 
 # -- drawing gradients ----------------------------------------------------------------------------
+class _Bound(nn.Module):
+    """``fn(vae, *args)`` as a module, so ``functional_call`` swaps *every* use of a parameter.
+
+    A prior may use the encoder (the VampPrior evaluates q(z|u_k) at its pseudo-inputs); calling
+    the prior's own ``functional_call`` would leave that path on the real, unswapped encoder and
+    silently drop the encoder gradient that flows through log p(z).
+    """
+
+    def __init__(self, vae: VAE, fn: Callable[..., torch.Tensor]):
+        super().__init__()
+        self.vae = vae
+        self.fn = fn
+
+    def forward(self, *args: Any) -> torch.Tensor:
+        return self.fn(self.vae, *args)
+
+
+def _draw_of(vae: VAE, estimator: Estimator, x: torch.Tensor, q: Any, eps: torch.Tensor,
+             baseline: torch.Tensor | None) -> torch.Tensor:
+    draw = Draw(x, q, eps, vae.decoder, vae.prior(), baseline)
+    return estimator.draw_loss(draw)
+
+
 def _functional_loss(vae: VAE, estimator: Estimator, x: torch.Tensor,
                      baseline: torch.Tensor | None) -> Callable[..., torch.Tensor]:
-    buffers = {k: v for k, v in vae.named_buffers()}
-
-    def sub(tree: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-        n = len(prefix) + 1
-        return {k[n:]: v for k, v in tree.items() if k.startswith(prefix + ".")}
+    """``(params, eps) -> loss`` of one draw, every module (the prior's encoder too) swapped."""
+    bound = _Bound(vae, lambda v, eps: _draw_of(v, estimator, x, v.encoder(x), eps, baseline))
 
     def loss(params: dict[str, torch.Tensor], eps: torch.Tensor) -> torch.Tensor:
-        enc = {**sub(buffers, "encoder"), **sub(params, "encoder")}
-        dec = {**sub(buffers, "decoder"), **sub(params, "decoder")}
-        pri = {**sub(buffers, "prior"), **sub(params, "prior")}
-        q = functional_call(vae.encoder, enc, (x,))
-        prior = functional_call(vae.prior, pri, ())
-        draw = Draw(x, q, eps, lambda z: functional_call(vae.decoder, dec, (z,)), prior,
-                    baseline)
-        return estimator.draw_loss(draw)
+        return functional_call(bound, {f"vae.{k}": v for k, v in params.items()}, (eps,))
 
     return loss
+
+
+def _prior_uses_encoder(vae: VAE) -> bool:
+    return isinstance(getattr(vae.prior, "encoder", None), nn.Module)
+
+
+def _split_per_draw(vae: VAE, estimator: Estimator, x: torch.Tensor,
+                    baseline: torch.Tensor | None, params: dict[str, torch.Tensor]
+                    ) -> Callable[[torch.Tensor], dict[str, torch.Tensor]]:
+    """``eps -> per-draw gradients`` with the encoder's forward pass shared by all draws.
+
+    The encoder sees the same x in every draw, so its forward pass and its vector-Jacobian
+    product are built once (``torch.func.vjp``); only the cotangents at q's loc and scale differ
+    per draw. Pulling a chunk of them back at once (``vmap`` of the vjp) turns each encoder
+    layer's per-draw weight gradients into one matrix product against the shared activations.
+    The decoder and prior, whose inputs (z) differ per draw, are differentiated per draw with
+    ``vmap(grad(...))``. Only valid when the prior does not use the encoder.
+    """
+    enc = {k[len("encoder."):]: v for k, v in params.items() if k.startswith("encoder.")}
+    rest = {k: v for k, v in params.items() if not k.startswith("encoder.")}
+    with torch.no_grad():
+        template = vae.encoder(x)
+
+    def encode(p: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        base = functional_call(vae.encoder, p, (x,)).base_dist
+        return base.loc, base.scale
+
+    (loc, scale), pull_back = vjp(encode, enc)
+    bound = _Bound(vae, lambda v, q, eps: _draw_of(v, estimator, x, q, eps, baseline))
+
+    def rest_loss(loc: torch.Tensor, scale: torch.Tensor, p: dict[str, torch.Tensor],
+                  eps: torch.Tensor) -> torch.Tensor:
+        base = type(template.base_dist)(loc, scale, validate_args=False)
+        q = type(template)(base, template.reinterpreted_batch_ndims, validate_args=False)
+        return functional_call(bound, {f"vae.{k}": v for k, v in p.items()}, (q, eps))
+
+    per_draw = vmap(grad(rest_loss, argnums=(0, 1, 2)), in_dims=(None, None, None, 0),
+                    randomness="error")
+
+    def draws(eps: torch.Tensor) -> dict[str, torch.Tensor]:
+        g_loc, g_scale, g_rest = per_draw(loc, scale, rest, eps)
+        (g_enc,) = vmap(pull_back)((g_loc, g_scale))
+        return {**{f"encoder.{k}": v for k, v in g_enc.items()}, **g_rest}
+
+    return draws
 
 
 def _pyro_draws(vae: VAE, estimator: Estimator, x: torch.Tensor, params: dict[str, Any],
@@ -263,12 +330,14 @@ def _pyro_draws(vae: VAE, estimator: Estimator, x: torch.Tensor, params: dict[st
 
 def gradient_draws(vae: VAE, estimator: Estimator | str, x: torch.Tensor, num_draws: int, *,
                    num_particles: int = 1, chunk_size: int = 25, train_scale: float = 1.0,
-                   vectorized: bool = True):
+                   vectorized: bool = True, shared_encoder: bool = True):
     """Yield dicts ``{param name: (n, *shape) gradients}`` of ``num_draws`` independent draws.
 
     Vectorized (torch.func) when the estimator has a ``draw_loss``; otherwise, or with
     ``vectorized=False``, one Pyro ``loss_and_grads`` per draw (the reference it is tested
-    against). Noise comes from the global torch RNG.
+    against). Noise comes from the global torch RNG. ``shared_encoder=False`` differentiates
+    the whole surrogate per draw (encoder included); it is also used when the prior depends on
+    the encoder (VampPrior).
     """
     estimator = ESTIMATORS[estimator] if isinstance(estimator, str) else estimator
     num_particles = max(num_particles, estimator.min_particles)
@@ -279,14 +348,21 @@ def gradient_draws(vae: VAE, estimator: Estimator | str, x: torch.Tensor, num_dr
         return
     latent_dim = vae.prior().event_shape[0]
     detached = {k: p.detach() for k, p in params.items()}
-    per_draw = vmap(grad(_functional_loss(vae, estimator, x, baseline)), in_dims=(None, 0),
-                    randomness="error")
+    with _no_validation():
+        if shared_encoder and not _prior_uses_encoder(vae):
+            per_draw = _split_per_draw(vae, estimator, x, baseline, detached)
+        else:
+            full = vmap(grad(_functional_loss(vae, estimator, x, baseline)), in_dims=(None, 0),
+                        randomness="error")
+
+            def per_draw(eps: torch.Tensor) -> dict[str, torch.Tensor]:
+                return full(detached, eps)
     done = 0
     while done < num_draws:
         n = min(chunk_size, num_draws - done)
         eps = torch.randn(n, num_particles, x.shape[0], latent_dim, device=x.device)
         with _no_validation():
-            yield per_draw(detached, eps)
+            yield per_draw(eps)
         done += n
 
 
