@@ -72,7 +72,10 @@ def test_fast_path_matches_trace_elbo_gradients(train, model):
     assert loss_f == pytest.approx(loss_p, rel=1e-5)
     assert grads_f.keys() == grads_p.keys() and len(grads_p) > 0
     for name in grads_p:
-        torch.testing.assert_close(grads_f[name], grads_p[name], rtol=1e-4, atol=1e-4,
+        # Sums over the batch and pixels run in a different order on the two paths, so the
+        # absolute tolerance follows the gradient's own scale (float32 rounding of large terms).
+        atol = 1e-4 * max(1.0, grads_p[name].abs().max().item())
+        torch.testing.assert_close(grads_f[name], grads_p[name], rtol=1e-4, atol=atol,
                                    msg=lambda m, n=name: f"{n}: {m}")
     # A different seed draws different z: the match above is not an accident of the data.
     loss_other, _ = _fast_gradients(cfg, vae, x, seed=8)
