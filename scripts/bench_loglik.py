@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
 
@@ -60,53 +61,106 @@ def decoder_flops(vae) -> int:
                if isinstance(m, torch.nn.Linear))
 
 
+def cpu_ticks() -> list[int]:
+    """The machine-wide CPU time counters of /proc/stat (empty where there is none)."""
+    try:
+        with open("/proc/stat") as f:
+            return [int(t) for t in f.readline().split()[1:9]]
+    except OSError:
+        return []
+
+
+def busy_report(before: list[int], after: list[int], own_cpu: float, wall: float) -> str:
+    """How much of the machine this process had: its CPU time per wall second, the time other
+    processes ran, and the time the hypervisor took (steal)."""
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    if not before or not after:
+        return f"load {load:.1f}"
+    d = [b - a for a, b in zip(before, after, strict=True)]
+    hz = os.sysconf("SC_CLK_TCK")
+    total = sum(d) / hz  # cpu-seconds available to the guest
+    busy = (d[0] + d[1] + d[2] + d[5] + d[6]) / hz
+    others = max(0.0, busy - own_cpu)
+    return (f"this process {own_cpu / wall:.2f} cores, others {others / wall:.2f} cores, "
+            f"steal {100 * d[7] / max(1, sum(d)):.0f}% of {total / wall:.1f} cores, "
+            f"load {load:.1f}")
+
+
+def timed(fn, threads: int):
+    """Run ``fn()``; return its result, wall seconds, CPU seconds and a busy report."""
+    before, start, cpu = cpu_ticks(), time.perf_counter(), time.process_time()
+    result = fn()
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+    return result, wall, cpu, busy_report(before, cpu_ticks(), cpu, wall)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("run_dir")
     p.add_argument("--num-samples", type=int, default=5000)
     p.add_argument("--limit", type=int, default=10000, help="test images timed")
+    p.add_argument("--target-images", type=int, default=10000,
+                   help="images the times are scaled to (the acceptance target's 10,000)")
     p.add_argument("--loop-images", type=int, default=20,
-                   help="images the plain loop is timed on (its time is scaled to --limit)")
+                   help="images the plain loop is timed on (its time is scaled)")
     p.add_argument("--compare-images", type=int, default=100,
                    help="images on which bfloat16 and float32 estimates are compared")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--chunk-size", type=int, default=1024)
     p.add_argument("--peak-size", type=int, default=2048, help="side of the peak-rate GEMM")
-    p.add_argument("--precisions", nargs="+", default=["bfloat16", "float32"])
+    p.add_argument("--precisions", nargs="+", default=["bfloat16"])
+    p.add_argument("--no-compile", action="store_true", help="run the fused kernel eagerly")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     cfg, vae, _ = load_run(args.run_dir)
     x, _ = run_split(cfg, "test", args.limit)
-    n, k = len(x), args.num_samples
-    flops = decoder_flops(vae) * n * k
+    n, k, target = len(x), args.num_samples, args.target_images
+    scale = target / n
+    flops = decoder_flops(vae) * target * k
     peak32 = gemm_peak(torch.float32, args.peak_size)
     peak16 = gemm_peak(torch.bfloat16, args.peak_size)
-    print(f"{cfg.data.dataset} test: {n} images, K = {k}, decoder {decoder_flops(vae) / 2:.0f} "
-          f"MACs/sample -> {flops:.3g} FLOP; threads {args.threads}")
-    print(f"measured GEMM peak ({args.peak_size}^3): float32 {peak32:.0f} GFLOP/s, bfloat16 "
-          f"{peak16:.0f} GFLOP/s")
+    print(f"{cfg.data.dataset} test: {n} images timed, K = {k}, decoder "
+          f"{decoder_flops(vae) / 2:.0f} MACs/sample -> {flops:.3g} FLOP for {target} images; "
+          f"threads {args.threads}; batch {args.batch_size} x chunk {args.chunk_size}")
+    print(f"measured GEMM peak ({args.peak_size}^3), this run: float32 {peak32:.0f} GFLOP/s, "
+          f"bfloat16 {peak16:.0f} GFLOP/s (nominal float32 {NOMINAL_FP32_PEAK:.0f})")
+    compile = not args.no_compile
+    label = "measured" if n == target else f"measured on {n}, scaled to {target}"
     for precision in args.precisions:
-        start, cpu = time.perf_counter(), time.process_time()
-        ll = importance_log_likelihood(vae, x, k, seed=0, precision=precision)
-        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
-        rate = flops / seconds / 1e9
-        print(f"log_likelihood {precision:9s}: {seconds:8.1f} s (CPU time / threads "
-              f"{cpu / args.threads:.1f} s)  mean log p(x) {ll.mean():.3f} "
-              f"(MC s.e. {ll.mc_stderr():.3f})  {rate:.0f} GFLOP/s = "
-              f"{100 * rate / peak32:.0f}% of measured float32 peak, "
-              f"{100 * rate / NOMINAL_FP32_PEAK:.0f}% of nominal")
+        def run(images, seed=0, precision=precision):
+            return importance_log_likelihood(vae, images, k, batch_size=args.batch_size,
+                                             chunk_size=args.chunk_size, seed=seed,
+                                             precision=precision, compile=compile)
+        # The first call compiles the kernel (both chunk shapes of K): its time is counted.
+        _, first, _, _ = timed(lambda: run(x[:1], seed=99), args.threads)
+        ll, wall, cpu, busy = timed(lambda: run(x), args.threads)
+        total = first + wall * scale
+        rate = flops / (wall * scale) / 1e9
+        print(f"log_likelihood {precision}: {total:7.1f} s for {target} images ({label}; "
+              f"includes {first:.1f} s of compiling + 1 image)")
+        print(f"    timed part {wall:.1f} s wall, {cpu:.1f} s CPU = {cpu / n / k * 1e6:.2f} us "
+              f"CPU per sample -> {cpu * scale / args.threads:.1f} s if {args.threads} cores "
+              f"were free; {busy}")
+        print(f"    mean log p(x) {ll.mean():.3f} (MC s.e. {ll.mc_stderr():.3f}); decoder "
+              f"matmuls {rate:.0f} GFLOP/s = {100 * rate / peak32:.0f}% of this run's float32 "
+              f"peak, {100 * rate / NOMINAL_FP32_PEAK:.0f}% of nominal float32 peak")
     m = min(args.loop_images, n)
-    start, cpu = time.perf_counter(), time.process_time()
-    plain_loop(vae, x[:m], k)
-    loop, cpu = (time.perf_counter() - start) * n / m, (time.process_time() - cpu) * n / m
-    print(f"plain per-image loop    : {loop:8.1f} s (CPU time / threads "
-          f"{cpu / args.threads:.1f} s)  measured on {m} images, scaled to {n}")
+    _, loop, cpu, busy = timed(lambda: plain_loop(vae, x[:m], k), args.threads)
+    print(f"plain per-image loop: {loop * target / m:7.1f} s for {target} images (measured on {m} "
+          f"images, scaled); {cpu * target / m / args.threads:.1f} s if {args.threads} cores "
+          f"were free; {busy}")
     c = min(args.compare_images, n)
-    if c and len(args.precisions) > 1:
-        a = importance_log_likelihood(vae, x[:c], k, seed=1, precision="float32").estimate
-        b = importance_log_likelihood(vae, x[:c], k, seed=1, precision="bfloat16").estimate
+    if c:
+        def estimate(precision):
+            return importance_log_likelihood(vae, x[:c], k, seed=1, precision=precision,
+                                             compile=compile).estimate
+        a, b = estimate("float32"), estimate("bfloat16")
+        generic = importance_log_likelihood(vae, x[:min(c, 10)], k, seed=1, fast=False).estimate
         d = b - a
         print(f"bfloat16 - float32 on {c} images, same z: mean {d.mean():+.4f} nats, "
-              f"max |diff| {d.abs().max():.4f} nats")
+              f"max |diff| {d.abs().max():.4f} nats; fast float32 - generic on "
+              f"{len(generic)} images: max |diff| {(a[:len(generic)] - generic).abs().max():.4f}")
     return 0
 
 
