@@ -34,7 +34,7 @@ class ScoreFunctionIndependent(dist.Independent):
 
     ``has_rsample`` is overridden on the class, not set on the instance: Pyro's plate expands the
     distribution, and ``expand`` keeps the class (an instance-level ``has_rsample_(False)`` on an
-    ``Independent`` raises AttributeError inside a plate; see ESTIMATORS.md).
+    ``Independent`` raises AttributeError inside a plate; see docs/estimators.md).
     """
 
     has_rsample = False

@@ -49,10 +49,8 @@ class Likelihood(nn.Module):
 
     Subclasses implement :meth:`forward` returning a distribution with event shape
     ``(num_pixels,)``, and may override :meth:`check_config` to reject configurations they
-    cannot handle. ``needs_binary`` says whether observations must be in {0, 1}.
+    cannot handle (e.g. a density on [0, 1] asked to model binarized pixels).
     """
-
-    needs_binary = False
 
     def __init__(self, cfg: ModelConfig, num_pixels: int):
         super().__init__()
@@ -113,6 +111,13 @@ class GaussianLikelihood(Likelihood):
 
     def forward(self, h: torch.Tensor) -> dist.Distribution:
         return dist.Normal(torch.sigmoid(h), positive_scale(self.raw_scale)).to_event(1)
+
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        # On {0, 1} pixels a (learned-scale) Gaussian density grows without bound as the scale
+        # of always-black pixels shrinks, so its ELBO would not measure anything.
+        if cfg.data.binarize != "none":
+            raise ConfigError("likelihood gaussian models grey levels; use it with --binarize none")
 
 
 #: Likelihood name -> class. Add a likelihood with one entry.

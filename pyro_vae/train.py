@@ -464,6 +464,9 @@ def load_run(run_dir: str | Path, device: str = "cpu") -> tuple[Config, VAE, dic
     if not (run_dir / CONFIG_FILE).is_file():
         raise CheckpointError(f"{run_dir} is not a run folder (no {CONFIG_FILE})")
     state = load_checkpoint(run_dir / CHECKPOINT_FILE, device)
+    # pyro.module hands back a param-store tensor of the same name in preference to the
+    # module's own, so a store left over from earlier work would shadow the loaded weights.
+    pyro.clear_param_store()
     cfg = Config.from_dict(state["config"]).validate()
     vae = VAE.from_config(cfg, tuple(state["image_shape"])).to(device)
     try:

@@ -128,3 +128,20 @@ def test_every_architecture_and_likelihood_trains(arch, likelihood, mnist5k_grey
     first, last = result.metrics[0]["train_elbo"], result.metrics[-1]["train_elbo"]
     assert all(torch.isfinite(torch.tensor(m["test_elbo"])) for m in result.metrics)
     assert last > first
+
+
+def test_a_loaded_run_trains_with_plain_pyro_svi(tmp_path):
+    """load_run's VAE is what Pyro optimizes, even after other models filled the param store."""
+    import pyro
+    from pyro.infer import SVI, Trace_ELBO
+    from pyro.optim import Adam
+
+    cfg = tiny_config(epochs=1)
+    cfg.data.train_limit = 256
+    result = fit(cfg, tmp_path / "run")
+    _, vae, _ = load_run(tmp_path / "run")
+    before = [p.detach().clone() for p in vae.parameters()]
+    svi = SVI(vae.model, vae.guide, Adam({"lr": 1e-2}), Trace_ELBO())
+    svi.step(result.dataset.test.images[:32])
+    assert all(not torch.equal(b, p) for b, p in zip(before, vae.parameters()))
+    assert pyro.get_param_store()["decoder$$$net.0.weight"] is vae.decoder.net[0].weight
