@@ -143,7 +143,7 @@ class TrainConfig:
                               check=_non_negative, need=">= 0")
     max_bad_steps: int = option(10, "stop after this many steps with a non-finite loss or "
                                     "gradient (each is skipped)", check=_positive, need="> 0")
-    progress: bool = option(True, "show a progress bar")
+    progress: bool = option(True, "show a progress bar (only when stderr is a terminal)")
     fast_path: bool = option(True, "compute the reparametrized ELBO without Pyro's tracing "
                                    "where that gives Trace_ELBO's gradients (see "
                                    "docs/performance.md); --no-fast-path forces plain Pyro")

@@ -367,7 +367,7 @@ class Trainer:
             start = time.perf_counter()
             bar = tqdm(total=num_batches, initial=self.batch_in_epoch, leave=False,
                        desc=f"epoch {self.epoch + 1}/{self.cfg.train.epochs}",
-                       disable=not self.cfg.train.progress)
+                       disable=None if self.cfg.train.progress else True)
             while self.batch_in_epoch < num_batches:
                 if stop is not None and stop.requested:
                     self._epoch_seconds += time.perf_counter() - start
