@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 
 import pyro.distributions as dist
 import pytest
@@ -17,6 +18,7 @@ from pyro_vae import LIKELIHOODS, PRIORS, VAE, Config
 from pyro_vae.cli import main
 from pyro_vae.errors import ConfigError
 from pyro_vae.evaluate import (
+    _bernoulli_log_prob,
     active_units,
     anomaly_scores,
     auroc,
@@ -123,6 +125,32 @@ def test_chunked_and_unchunked_agree():
         assert torch.allclose(split.stderr, whole.stderr, atol=1e-4, rtol=1e-3)
     other_seed = importance_log_likelihood(vae, x, 200, seed=5).estimate
     assert not torch.allclose(other_seed, whole.estimate)
+
+
+@pytest.mark.parametrize("pixels", [784, 13, 241])  # 241 is prime and above the group cap
+def test_grouped_bernoulli_sum_matches_distribution_at_extreme_logits(pixels):
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(5, 3, pixels, generator=g) * 8
+    logits[0] = 0.0        # every factor 1 + exp(-|l|) is 2: the largest group product
+    logits[1, :, ::2] = 90.0
+    logits[1, :, 1::2] = -90.0
+    x = (torch.rand(5, 1, pixels, generator=g) < 0.4).float()
+    expected = dist.Bernoulli(logits=logits).log_prob(x.expand_as(logits)).sum(-1)
+    got = _bernoulli_log_prob(logits, x)
+    assert torch.isfinite(got).all()
+    assert torch.allclose(got, expected, atol=2e-3, rtol=1e-5), (got - expected).abs().max()
+
+
+@pytest.mark.skipif(os.environ.get("PYRO_VAE_TEST_COMPILE") != "1",
+                    reason="torch.compile takes ~35 s with a cold cache; "
+                           "set PYRO_VAE_TEST_COMPILE=1 to run")
+def test_compiled_kernel_matches_eager():
+    torch.manual_seed(0)
+    vae = VAE.from_config(tiny_config(), (1, 28, 28)).eval()
+    x = (torch.rand(3, 784) < 0.4).float()
+    eager = importance_log_likelihood(vae, x, 300, seed=3, compile=False).estimate
+    compiled = importance_log_likelihood(vae, x, 300, seed=3, compile=True).estimate
+    assert torch.allclose(compiled, eager, atol=1e-3)
 
 
 def test_fast_path_matches_generic_path_and_bfloat16_is_close():
@@ -311,9 +339,11 @@ def _script(name: str):
 def test_bench_script_runs(runs, capsys):
     assert _script("bench_loglik").main([str(runs[2]), "--num-samples", "20", "--limit", "3",
                                          "--loop-images", "1", "--compare-images", "2",
-                                         "--peak-size", "128"]) == 0
+                                         "--peak-size", "128", "--no-compile",
+                                         "--target-images", "30"]) == 0
     out = capsys.readouterr().out
-    assert "plain per-image loop" in out and "% of measured float32 peak" in out
+    assert "plain per-image loop" in out and "% of this run's float32 peak" in out
+    assert "measured on 3, scaled to 30" in out and "bfloat16 - float32 on 2 images" in out
 
 
 def test_anomaly_script_runs(tmp_path, capsys):
