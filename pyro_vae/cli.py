@@ -107,7 +107,7 @@ def _add_evaluate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--elbo-particles", type=int, default=10,
                    help="z draws per image for the ELBO terms [default: 10]")
     p.add_argument("--precision", default="float32", choices=["float32", "bfloat16"],
-                   help="matmul precision of the last decoder layer [default: float32]")
+                   help="matmul precision of the decoder layers [default: float32]")
     p.add_argument("--out", default=None, help="JSON file [default: RUN_DIR/evaluation.json]")
 
 
@@ -152,7 +152,7 @@ def _add_score(p: argparse.ArgumentParser) -> None:
                    help="importance samples (nll) or z draws (elbo) per image [default: 1000]")
     p.add_argument("--limit", type=int, default=0, help="only the first N images (0: all)")
     p.add_argument("--precision", default="float32", choices=["float32", "bfloat16"],
-                   help="matmul precision of the last decoder layer [default: float32]")
+                   help="matmul precision of the decoder layers [default: float32]")
     p.add_argument("--out", default=None,
                    help="CSV file [default: RUN_DIR/scores-SPLIT-METHOD.csv]")
 

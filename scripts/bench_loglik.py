@@ -4,13 +4,15 @@ Usage (a run trained on fashion-mnist, whose test split has 10,000 images):
 
     pyro-vae train --out runs/fmnist --dataset fashion-mnist --train-limit 6000 --epochs 3
     flock /tmp/pyro_vae_bench.lock python scripts/bench_loglik.py runs/fmnist \
-        --num-samples 5000 --limit 10000 --loop-images 20
+        --num-samples 5000 --limit 2000 --loop-images 5 --threads 1
 
-Prints, for K importance samples per image: the time of ``pyro_vae.evaluate.log_likelihood``
-(float32 and bfloat16 last layer), the time of a straightforward per-image chunked loop
-(measured on ``--loop-images`` images and scaled to the same number of images), the achieved
-matmul rate as a fraction of a measured float32 GEMM peak, and the bfloat16-float32 difference
-in nats.
+Prints, for K importance samples per image over ``--target-images`` images (10,000): the time
+of ``pyro_vae.evaluate.importance_log_likelihood`` (compiling included; measured on
+``--limit`` images and scaled when that is fewer), its CPU time per sample, the time of a
+straightforward per-image chunked loop (measured on ``--loop-images`` images and scaled), the
+achieved decoder-matmul rate as a fraction of a float32 GEMM peak measured in the same run,
+the bfloat16-float32 difference in nats, and for every timing how much of the machine other
+processes and the hypervisor took meanwhile (from /proc/stat).
 """
 
 from __future__ import annotations
