@@ -17,6 +17,7 @@ from typing import Any
 
 import pyro
 import torch
+import torch.nn.functional as F
 from pyro.infer import Trace_ELBO
 from torch.distributions import kl_divergence
 
@@ -214,18 +215,27 @@ def _bernoulli_log_prob(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return linear - factors.prod(-1).log().sum(-1)
 
 
+def _bernoulli_log_prob_eager(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The same sum as :func:`_bernoulli_log_prob` in two passes over memory, which is faster
+    when every torch operation is its own pass (eager mode): x . l as a matrix-vector
+    product, and torch's softplus."""
+    return (logits @ x.transpose(-1, -2)).squeeze(-1) - F.softplus(logits).sum(-1)
+
+
 def _mlp_bernoulli_log_prob(z: torch.Tensor, x: torch.Tensor, weights: list[torch.Tensor],
-                            biases: list[torch.Tensor], activations: list[torch.nn.Module]
-                            ) -> torch.Tensor:
+                            biases: list[torch.Tensor], activations: list[torch.nn.Module],
+                            grouped: bool = True) -> torch.Tensor:
     """log p(x|z) of an MLP decoder with a Bernoulli likelihood, ``(B, k)`` for z ``(B, k, D)``
     and x ``(B, 1, P)``. Each layer multiplies in the weights' dtype (float32 or bfloat16,
-    whose products accumulate in float32) and adds its bias in float32."""
+    whose products accumulate in float32) and adds its bias in float32. ``grouped``: sum the
+    likelihood with :func:`_bernoulli_log_prob` (for the compiled kernel), else with
+    :func:`_bernoulli_log_prob_eager`."""
     h = z
     for i, (w, b) in enumerate(zip(weights, biases, strict=True)):
         h = torch.matmul(h.to(w.dtype), w).float() + b
         if i < len(activations):
             h = activations[i](h)
-    return _bernoulli_log_prob(h, x)
+    return _bernoulli_log_prob(h, x) if grouped else _bernoulli_log_prob_eager(h, x)
 
 
 _COMPILED: dict[str, Any] = {}
@@ -279,6 +289,7 @@ class _BernoulliMLPWeights:
         self.biases = [m.bias.detach().float() for m in linears]
         self.x = x.unsqueeze(1)                                           # (B, 1, P)
         kernel = _compiled_kernel() if compile else None
+        self.grouped = kernel is not None
         self.kernel = kernel if kernel is not None else _mlp_bernoulli_log_prob
 
     def __call__(self, q, loc: torch.Tensor, scale: torch.Tensor, eps: torch.Tensor
@@ -296,7 +307,8 @@ class _BernoulliMLPWeights:
         # One image at a time: the kernel sees at most two shapes per K (full and last chunk),
         # so it compiles at most twice, and its blocks stay cache-sized.
         log_px = torch.cat([self.kernel(z[i:i + 1], self.x[i:i + 1], self.weights, self.biases,
-                                        self.activations) for i in range(z.shape[0])])
+                                        self.activations, self.grouped)
+                            for i in range(z.shape[0])])
         return log_px + log_prior_minus_q
 
 
