@@ -86,11 +86,15 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 # -- evaluate, sample, score (issue 5) ------------------------------------------------------------
+#: The CLI spells bfloat16 as in ``train --precision``; evaluate.py's API takes torch's name.
+_EVAL_PRECISION = {"float32": "float32", "bf16": "bfloat16"}
+
+
 def _add_run_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run folder written by train")
     p.add_argument("--seed", type=int, default=0, help="seed of every random draw [default: 0]")
-    p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"],
-                   help="where to compute [default: cpu]")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="where to compute; auto picks cuda when available [default: auto]")
     p.add_argument("--overwrite", action="store_true", help="replace outputs that exist")
 
 
@@ -106,8 +110,8 @@ def _add_evaluate(p: argparse.ArgumentParser) -> None:
                    help="importance samples per image per step [default: 1024]")
     p.add_argument("--elbo-particles", type=int, default=10,
                    help="z draws per image for the ELBO terms [default: 10]")
-    p.add_argument("--precision", default="float32", choices=["float32", "bfloat16"],
-                   help="matmul precision of the decoder layers [default: float32]")
+    p.add_argument("--precision", default="float32", choices=["float32", "bf16"],
+                   help="matmul precision of the decoder layers, as in train [default: float32]")
     p.add_argument("--out", default=None, help="JSON file [default: RUN_DIR/evaluation.json]")
 
 
@@ -116,7 +120,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 
     result = evaluate_run(args.run_dir, args.split, args.num_samples, args.limit,
                           args.batch_size, args.chunk_size, args.elbo_particles, args.seed,
-                          args.precision, out=args.out, overwrite=args.overwrite,
+                          _EVAL_PRECISION[args.precision], out=args.out, overwrite=args.overwrite,
                           device=args.device)
     print(format_evaluation(result))
     return 0
@@ -151,8 +155,8 @@ def _add_score(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-samples", type=int, default=1000,
                    help="importance samples (nll) or z draws (elbo) per image [default: 1000]")
     p.add_argument("--limit", type=int, default=0, help="only the first N images (0: all)")
-    p.add_argument("--precision", default="float32", choices=["float32", "bfloat16"],
-                   help="matmul precision of the decoder layers [default: float32]")
+    p.add_argument("--precision", default="float32", choices=["float32", "bf16"],
+                   help="matmul precision of the decoder layers, as in train [default: float32]")
     p.add_argument("--out", default=None,
                    help="CSV file [default: RUN_DIR/scores-SPLIT-METHOD.csv]")
 
@@ -161,7 +165,7 @@ def _run_score(args: argparse.Namespace) -> int:
     from .evaluate import score_run
 
     out = score_run(args.run_dir, args.split, args.images, args.method, args.num_samples,
-                    args.limit, args.seed, precision=args.precision, out=args.out,
+                    args.limit, args.seed, precision=_EVAL_PRECISION[args.precision], out=args.out,
                     overwrite=args.overwrite, device=args.device)
     print(f"wrote {out}")
     return 0

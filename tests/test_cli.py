@@ -36,6 +36,11 @@ def test_train_end_to_end_from_the_command_line(tmp_path):
     proc = run_cli("train", "--out", str(out), "--epochs", "3", "--resume", *TINY)
     assert proc.returncode == 0, proc.stderr
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
+    # the other commands read the run, with train's spelling of the precision
+    proc = run_cli("evaluate", str(out), "--num-samples", "4", "--limit", "16", "--precision",
+                   "bf16")
+    assert proc.returncode == 0, proc.stderr
+    assert "log_likelihood" in json.loads((out / "evaluation.json").read_text())
 
 
 @pytest.mark.parametrize("args, needle", [
