@@ -229,7 +229,20 @@ def _run_variance(args: argparse.Namespace) -> int:
         runs.append((str(run_dir), state["position"]["global_step"], run_cfg, vae,
                      state.get("param_store_extras", {})))
     if runs:
+        # How to measure may be set here; what was trained is the runs' own business.
+        measuring = {"train.precision", "train.threads", "train.progress", "train.device"}
+        given = sorted(k for k in vars(args) if "." in k and k not in measuring)
+        given += ["config"] if args.config else []
+        if given:
+            flags = ", ".join("--" + k.split(".")[-1].replace("_", "-") for k in given)
+            raise ConfigError(f"--runs measures each run with its own saved config; drop {flags}")
+        datasets = {(r[2].data.dataset, r[2].data.data_dir, r[2].data.binarize) for r in runs}
+        if len(datasets) > 1:
+            raise ConfigError(f"--runs must share one dataset and binarization, got "
+                              f"{sorted(datasets)}")
         cfg = runs[0][2]
+        for key in measuring & set(vars(args)):
+            setattr(cfg.train, key.split(".")[1], getattr(args, key))
     dataset = load_dataset(cfg.data)
     experiment = variance_experiment(
         cfg, dataset, args.estimators, checkpoints=args.checkpoints, num_draws=args.draws,

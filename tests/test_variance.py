@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pyro
 import pytest
 import torch
@@ -93,6 +95,23 @@ def test_variance_cli_writes_results_and_rejects_bad_input(tmp_path, capsys):
     assert main(["variance", "--out", str(tmp_path / "w"), "--draws", "1"]) == 2
     assert main(["variance", "--out", str(tmp_path / "w"), "--estimators", "nope"]) == 2
     assert "nope" in capsys.readouterr().err
+
+
+def test_variance_cli_measures_given_runs_with_their_own_config(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--out", str(run), "--hidden-dims", "16", "--latent-dim", "3",
+                 "--epochs", "1", "--train-limit", "128", "--batch-size", "32",
+                 "--no-progress", "--no-figures"]) == 0
+    out = tmp_path / "v"
+    common = ["variance", "--out", str(out), "--runs", str(run), "--draws", "10",
+              "--oracle-draws", "10", "--measure-batch", "8", "--no-figures"]
+    # a training setting would be silently ignored: refused instead, nothing written
+    assert main([*common, "--latent-dim", "5"]) == 2
+    assert "drop --latent-dim" in capsys.readouterr().err and not out.exists()
+    assert main([*common, "--no-progress"]) == 0
+    (measurement,) = json.loads((out / "variance.json").read_text())["measurements"]
+    assert measurement["latent_dim"] == 3 and measurement["step"] == 4  # the run, not defaults
+    assert set(measurement["estimators"]) == {"reparam", "score", "score-avg-baseline"}
 
 
 @pytest.mark.parametrize("prior", ["vamp", "learned-gaussian"])
