@@ -218,6 +218,7 @@ class Trainer:
             self.loss_module = distributed.wrap(
                 self.fast or distributed.PyroLoss(self.elbo, self.vae, len(self.dataset.train)),
                 self.workers, self.device)
+        self._params = list(self.vae.parameters())  # fixed for the run: built once, not per step
         self.metrics: list[dict[str, Any]] = []
         # Position in the schedule: epochs finished, batches done in the current epoch.
         self.epoch, self.batch_in_epoch, self.global_step = 0, 0, 0
@@ -317,9 +318,9 @@ class Trainer:
             if isinstance(e, PyroVAEError) or "found invalid values" not in str(e):
                 raise
             loss = math.nan
-        params = [p for p in self.vae.parameters() if p.grad is not None]
         clip = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip) if params else torch.zeros(())
+        # Parameters without a gradient this step are ignored; with none, the norm is 0.
+        grad_norm = torch.nn.utils.clip_grad_norm_(self._params, clip)
         if not (math.isfinite(loss) and torch.isfinite(grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)
             self.bad_steps += 1
