@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--estimators", nargs="+", default=["reparam", "score", "score-avg-baseline"])
     p.add_argument("--checkpoints", nargs="+", type=int, default=[0, 100, 500, 1000])
     p.add_argument("--draws", type=int, default=1000)
-    p.add_argument("--oracle-draws", type=int, default=2000)
+    p.add_argument("--oracle-draws", type=int, default=1000)
     p.add_argument("--measure-batch", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=256, help="training batch size")
     p.add_argument("--curve-steps", type=int, default=1000)
