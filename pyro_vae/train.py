@@ -203,7 +203,7 @@ class Trainer:
         pyro.set_rng_seed(cfg.train.seed)
         self.vae = VAE.from_config(cfg, dataset.image_shape).to(self.device)
         self.elbo = ESTIMATORS[cfg.train.estimator].make_elbo(cfg)
-        self.optimizer = adam(self.vae.parameters(), cfg.train.lr, self.device)
+        self.optimizer = adam(self._param_groups(cfg), cfg.train.lr, self.device)
         # The fast path (fast.py) where it reproduces Trace_ELBO, else Pyro; under torchrun the
         # loss module is wrapped in DistributedDataParallel (distributed.py).
         if cfg.train.precision != "float32":
@@ -226,6 +226,16 @@ class Trainer:
         self.bad_steps = 0
 
     # -- checkpoints --------------------------------------------------------------------------
+    def _param_groups(self, cfg: Config) -> list[dict[str, Any]]:
+        """Adam parameter groups: the encoder at the estimator's ``encoder_lr_scale``."""
+        scale = ESTIMATORS[cfg.train.estimator].encoder_lr_scale
+        encoder = list(self.vae.encoder.parameters())
+        ids = {id(p) for p in encoder}
+        rest = [p for p in self.vae.parameters() if id(p) not in ids]
+        if scale == 1.0:
+            return [{"params": encoder + rest}]
+        return [{"params": encoder, "lr": cfg.train.lr * scale}, {"params": rest}]
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "format": CHECKPOINT_FORMAT,

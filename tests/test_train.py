@@ -145,3 +145,22 @@ def test_a_loaded_run_trains_with_plain_pyro_svi(tmp_path):
     svi.step(result.dataset.test.images[:32])
     assert all(not torch.equal(b, p) for b, p in zip(before, vae.parameters()))
     assert pyro.get_param_store()["decoder$$$net.0.weight"] is vae.decoder.net[0].weight
+
+
+@pytest.mark.parametrize("estimator", ["reparam", "score"])
+def test_encoder_learning_rate_follows_the_estimator(estimator):
+    from conftest import small_dataset
+
+    from pyro_vae import ESTIMATORS
+    from pyro_vae.train import Trainer
+
+    cfg = tiny_config(estimator=estimator)
+    cfg.train.lr = 2e-3
+    trainer = Trainer(cfg.validate(), small_dataset())
+    encoder = {id(p) for p in trainer.vae.encoder.parameters()}
+    lrs = {id(p): g["lr"] for g in trainer.optimizer.param_groups for p in g["params"]}
+    scale = ESTIMATORS[estimator].encoder_lr_scale
+    assert scale == (0.1 if estimator == "score" else 1.0)
+    assert len(lrs) == len(list(trainer.vae.parameters()))
+    for p in trainer.vae.parameters():
+        assert lrs[id(p)] == pytest.approx(2e-3 * (scale if id(p) in encoder else 1.0))
