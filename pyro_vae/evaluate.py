@@ -276,24 +276,24 @@ class _BernoulliMLPWeights:
     :func:`_compiled_kernel`); otherwise eagerly, with the same formulas.
     """
 
-    def __init__(self, vae: VAE, x: torch.Tensor, precision: str, compile: bool):
+    def __init__(self, vae: VAE, precision: str, compile: bool):
         from .priors import StandardNormalPrior
 
         self.vae = vae
         self.standard_prior = type(vae.prior) is StandardNormalPrior
-        dtype = torch.bfloat16 if precision == "bfloat16" else x.dtype
+        dtype = torch.bfloat16 if precision == "bfloat16" else torch.float32
         modules = list(vae.decoder.net)
         linears = [m for m in modules if isinstance(m, torch.nn.Linear)]
         self.activations = [m for m in modules if not isinstance(m, torch.nn.Linear)]
         self.weights = [m.weight.detach().t().contiguous().to(dtype) for m in linears]
         self.biases = [m.bias.detach().float() for m in linears]
-        self.x = x.unsqueeze(1)                                           # (B, 1, P)
         kernel = _compiled_kernel() if compile else None
         self.grouped = kernel is not None
         self.kernel = kernel if kernel is not None else _mlp_bernoulli_log_prob
 
-    def __call__(self, q, loc: torch.Tensor, scale: torch.Tensor, eps: torch.Tensor
-                 ) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, q, loc: torch.Tensor, scale: torch.Tensor,
+                 eps: torch.Tensor) -> torch.Tensor:
+        x = x.unsqueeze(1)                                                # (B, 1, P)
         loc, scale = loc.unsqueeze(1), scale.unsqueeze(1)
         z = loc + scale * eps                                             # (B, k, D)
         if self.standard_prior:
@@ -306,7 +306,7 @@ class _BernoulliMLPWeights:
             log_prior_minus_q = self.vae.prior().log_prob(z) - log_q
         # One image at a time: the kernel sees at most two shapes per K (full and last chunk),
         # so it compiles at most twice, and its blocks stay cache-sized.
-        log_px = torch.cat([self.kernel(z[i:i + 1], self.x[i:i + 1], self.weights, self.biases,
+        log_px = torch.cat([self.kernel(z[i:i + 1], x[i:i + 1], self.weights, self.biases,
                                         self.activations, self.grouped)
                             for i in range(z.shape[0])])
         return log_px + log_prior_minus_q
@@ -322,7 +322,8 @@ def _fast_path_layers_ok(vae: VAE) -> bool:
 def importance_log_likelihood(vae: VAE, x: torch.Tensor, num_samples: int = 5000,
                               batch_size: int = 8, chunk_size: int | None = None,
                               seed: int | None = None, precision: str = "float32",
-                              fast: bool = True, compile: bool | None = None) -> LogLikelihood:
+                              fast: bool = True, compile: bool | None = None,
+                              workers: int = 1, first_index: int = 0) -> LogLikelihood:
     """Importance-sampled log p(x) with the encoder as proposal, and its standard error.
 
     log p(x) ~ log (1/K) sum_k exp(log p(x, z_k) - log q(z_k|x)), z_k ~ q(z|x) (Burda, Grosse &
@@ -346,6 +347,12 @@ def importance_log_likelihood(vae: VAE, x: torch.Tensor, num_samples: int = 5000
             falls back to eager when compiling fails). None: only when N x K reaches
             AUTO_COMPILE_SAMPLES, where the compile time (a few seconds with a warm cache)
             pays for itself.
+        workers: split the images across this many processes, each with one torch thread
+            (:func:`_parallel_log_likelihood`); the result is identical to one process's.
+            Torch's own threads gain little here: most of the time is in many small kernels
+            between which OpenMP threads wait for each other, and compiled kernels hold the GIL.
+        first_index: index of ``x[0]`` in the full set, which seeds its noise (set by the
+            workers so that a split gives the same draws).
     """
     for name, value in (("num_samples", num_samples), ("batch_size", batch_size)):
         _check_positive(name, value)
@@ -366,21 +373,27 @@ def importance_log_likelihood(vae: VAE, x: torch.Tensor, num_samples: int = 5000
                           "bernoulli likelihood, binary images); use float32")
     if compile is None:
         compile = x.shape[0] * num_samples >= AUTO_COMPILE_SAMPLES
+    _check_positive("workers", workers)
+    if workers > 1 and x.shape[0] > 1 and x.device.type == "cpu":
+        return _parallel_log_likelihood(
+            vae, x, workers, num_samples=num_samples, batch_size=batch_size,
+            chunk_size=chunk_size, seed=seed, precision=precision, fast=fast, compile=compile)
     estimates, stderrs = [], []
     k_total = num_samples
+    # built once: it converts the decoder's weights to the product dtype
+    log_w = _BernoulliMLPWeights(vae, precision, compile) if use_fast else None
     for first in range(0, x.shape[0], batch_size):
         xb = x[first:first + batch_size]
         q = vae.encoder(xb)
         loc, scale = q.mean, q.stddev
-        log_w = _BernoulliMLPWeights(vae, xb, precision, compile) if use_fast else None
         acc1 = torch.full((xb.shape[0],), -math.inf, dtype=torch.float64, device=x.device)
         acc2 = acc1.clone()
         for k0 in range(0, k_total, chunk_size):
             k = min(chunk_size, k_total - k0)
-            eps = _image_noise(seed, first, xb.shape[0], k0, k, loc.shape[-1], x.device,
-                               loc.dtype)
+            eps = _image_noise(seed, first_index + first, xb.shape[0], k0, k, loc.shape[-1],
+                               x.device, loc.dtype)
             if use_fast:
-                lw = log_w(q, loc, scale, eps)                            # (B, k)
+                lw = log_w(xb, q, loc, scale, eps)                        # (B, k)
             else:
                 z = (loc.unsqueeze(1) + scale.unsqueeze(1) * eps).transpose(0, 1)
                 lw = _log_weights_generic(vae, xb, q, z).transpose(0, 1)
@@ -398,6 +411,35 @@ def importance_log_likelihood(vae: VAE, x: torch.Tensor, num_samples: int = 5000
         else:
             stderrs.append(torch.full_like(acc1, math.nan))
     return LogLikelihood(torch.cat(estimates).float(), torch.cat(stderrs).float(), num_samples)
+
+
+def _worker_log_likelihood(vae: VAE, x: torch.Tensor, kwargs: dict[str, Any]) -> LogLikelihood:
+    from .runtime import reuse_freed_memory
+
+    reuse_freed_memory()  # the worker owns its process
+    torch.set_num_threads(1)
+    return importance_log_likelihood(vae, x, **kwargs)
+
+
+def _parallel_log_likelihood(vae: VAE, x: torch.Tensor, workers: int, **kwargs: Any
+                             ) -> LogLikelihood:
+    """:func:`importance_log_likelihood` over contiguous slices of ``x`` in ``workers`` spawned
+    processes (one torch thread each). Each image's noise is seeded by its index in ``x``, so
+    the estimates equal a single process's. Spawning and importing torch costs a few seconds
+    per worker, worth it for long jobs such as K = 5000 over a test set."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    workers = min(workers, x.shape[0])
+    bounds = [round(i * x.shape[0] / workers) for i in range(workers + 1)]
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=context) as pool:
+        futures = [pool.submit(_worker_log_likelihood, vae, x[lo:hi].clone(),
+                               {**kwargs, "workers": 1, "first_index": lo})
+                   for lo, hi in zip(bounds[:-1], bounds[1:])]
+        parts = [f.result() for f in futures]
+    return LogLikelihood(torch.cat([p.estimate for p in parts]),
+                         torch.cat([p.stderr for p in parts]), parts[0].num_samples)
 
 
 def log_likelihood(vae: VAE, x: torch.Tensor, num_samples: int = 5000, batch_size: int = 8,
@@ -554,9 +596,11 @@ def evaluate_run(run_dir: str | Path, split: str = "test", num_samples: int = 50
                  limit: int = 0, batch_size: int = 8, chunk_size: int | None = None,
                  elbo_particles: int = 10, seed: int = 0, precision: str = "float32",
                  threshold: float = 0.01, out: str | Path | None = None,
-                 overwrite: bool = False, device: str = "cpu") -> dict[str, Any]:
+                 overwrite: bool = False, device: str = "cpu", workers: int = 1
+                 ) -> dict[str, Any]:
     """Test ELBO (with its two terms), importance-sampled log p(x) and active units of a run;
-    written to ``out`` (default ``RUN_DIR/evaluation.json``) and returned."""
+    written to ``out`` (default ``RUN_DIR/evaluation.json``) and returned. ``workers``
+    processes share the log-likelihood (see :func:`importance_log_likelihood`)."""
     run_dir = Path(run_dir)
     out = Path(out) if out is not None else run_dir / EVALUATION_FILE
     _check_positive("num_samples", num_samples)
@@ -571,7 +615,7 @@ def evaluate_run(run_dir: str | Path, split: str = "test", num_samples: int = 50
     elbo = terms.elbo
     start = time.perf_counter()
     ll = importance_log_likelihood(vae, x, num_samples, batch_size, chunk_size, seed=seed,
-                                   precision=precision)
+                                   precision=precision, workers=workers)
     seconds = time.perf_counter() - start
     activity = latent_activity(vae, x)
     result = {
@@ -588,7 +632,7 @@ def evaluate_run(run_dir: str | Path, split: str = "test", num_samples: int = 50
                            "stderr": ll.data_stderr(),
                            "bits_per_dim": _bits_per_dim(ll.mean(), num_pixels),
                            "num_samples": num_samples, "precision": precision,
-                           "seconds": seconds},
+                           "seconds": seconds, "workers": workers},
         "gap_nats": ll.mean() - float(elbo.mean()),
         "active_units": {"count": int((activity > threshold).sum()), "threshold": threshold,
                          "latent_dim": int(activity.numel()),

@@ -215,8 +215,10 @@ class MLPGradients:
         for i in range(len(self.decoder) - 1, -1, -1):
             layer = self.decoder[i]
             if summed:
+                # (input^T g)^T: with the long draws x rows inner dimension on this side the
+                # bf16 product runs about twice as fast on CPU as g^T input
                 grads[f"{layer.name}.weight"] = torch.matmul(
-                    g.reshape(n * rows, -1).T, inputs[i].reshape(n * rows, -1)).float()
+                    inputs[i].reshape(n * rows, -1).T, g.reshape(n * rows, -1)).T.float()
                 grads[f"{layer.name}.bias"] = g.float().sum((0, 1))
             else:
                 grads[f"{layer.name}.weight"] = torch.bmm(g.transpose(1, 2), inputs[i])

@@ -1,10 +1,15 @@
-"""Time R gradient draws: the plain loop (one Pyro loss_and_grads per draw) vs the vectorized lab.
+"""Time the default variance experiment beside the plain loop it replaces.
 
-    flock /tmp/pyro_vae_bench.lock python scripts/bench_variance.py [--draws 100] [--batch 256]
+    flock /tmp/pyro_vae_bench.lock python scripts/bench_variance.py [--loop-draws 30]
 
-Prints milliseconds per draw of each, for a 784-400-50 VAE on one minibatch of real digits, and
-the projected time of the default experiment (3 estimators x 4 checkpoints x R = 1000 draws,
-plus the oracle).
+The default experiment is what ``pyro-vae variance`` runs with no options: a 784-400-50
+Bernoulli VAE trained 1000 steps on the embedded digits, measured at steps 0, 100, 500 and
+1000 on one minibatch of 256 images, R = 1000 gradient draws for each of reparam, score and
+score-avg-baseline, plus the oracle. This script runs it end to end (``variance_experiment``)
+and prints its parts: training the reference run, the oracle, the draws, the moment kernel's
+compilation, and the rest. Beside it, the plain loop -- one Pyro ``loss_and_grads`` (a full
+backward pass) per draw -- timed for ``--loop-draws`` draws per estimator at initialisation and
+projected to the experiment's 12,000 draws, and the ``torch.func.vmap`` path likewise.
 """
 
 from __future__ import annotations
@@ -16,67 +21,62 @@ import time
 import torch
 
 from pyro_vae import VAE, Config, load_dataset
-from pyro_vae.variance import (
-    fixed_minibatch,
-    gradient_draws,
-    measure_gradient_variance,
-    oracle_gradient,
-)
+from pyro_vae.runtime import reuse_freed_memory
+from pyro_vae.variance import fixed_minibatch, gradient_draws, variance_experiment
+
+ESTIMATORS = ("reparam", "score", "score-avg-baseline")
 
 
-def per_draw_ms(vae: VAE, name: str, x: torch.Tensor, draws: int, vectorized: bool,
-                precision: str = "float32") -> float:
-    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else \
-        torch.autocast("cpu", enabled=False)
+def ms_per_draw(vae: VAE, name: str, x: torch.Tensor, draws: int, **kwargs) -> float:
+    for _ in gradient_draws(vae, name, x, 2, **kwargs):  # warm-up
+        pass
     start = time.perf_counter()
-    with ctx:
-        for _ in gradient_draws(vae, name, x, draws, vectorized=vectorized):
-            pass
+    for _ in gradient_draws(vae, name, x, draws, **kwargs):
+        pass
     return 1e3 * (time.perf_counter() - start) / draws
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--draws", type=int, default=100)
-    p.add_argument("--batch", type=int, default=256)
-    p.add_argument("--chunk", type=int, default=25)
-    p.add_argument("--whole", action="store_true",
-                   help="also time measure_gradient_variance end to end (moments, bootstrap, "
-                        "oracle) for one checkpoint and project to the default 4 checkpoints")
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--loop-draws", type=int, default=30,
+                   help="draws per estimator for the plain loop and the vmap path")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: one per core)")
     args = p.parse_args()
-    torch.set_num_threads(2)
-    print(f"load average before: {os.getloadavg()[0]:.2f} (2 cores; above ~0.3 means the "
-          f"numbers below are polluted by other jobs)")
+    reuse_freed_memory()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"{torch.get_num_threads()} threads; load average before: {os.getloadavg()[0]:.2f} "
+          f"(above ~0.3 on 2 cores, other jobs pollute the numbers)", flush=True)
     cfg = Config()
-    vae = VAE.from_config(cfg, (1, 28, 28))
-    x = fixed_minibatch(load_dataset(cfg.data), cfg, args.batch)
-    total = {"loop": 0.0, "vectorized": 0.0, "vectorized-bf16": 0.0}
-    for name in ("reparam", "score", "score-avg-baseline"):
-        loop = per_draw_ms(vae, name, x, max(args.draws // 4, 10), vectorized=False)
-        fast = per_draw_ms(vae, name, x, args.draws, vectorized=True)
-        bf16 = per_draw_ms(vae, name, x, args.draws, vectorized=True, precision="bf16")
-        print(f"{name:<20} plain loop {loop:7.2f} ms/draw   vectorized {fast:7.2f} ms/draw   "
-              f"vectorized bf16 {bf16:7.2f} ms/draw", flush=True)
-        total["loop"] += loop
-        total["vectorized"] += fast
-        total["vectorized-bf16"] += bf16
+    cfg.train.progress = False
+    dataset = load_dataset(cfg.data)
+
     start = time.perf_counter()
-    oracle_gradient(vae, x, args.draws)
-    oracle = 1e3 * (time.perf_counter() - start) / args.draws
-    print(f"oracle (mean only) {oracle:.2f} ms/draw")
-    for key, ms in total.items():
-        print(f"default experiment, {key}: {4 * 1000 * ms / 1e3:.0f} s for the 12,000 draws "
-              f"(+ {4 * 2000 * oracle / 1e3:.0f} s oracle at 2,000 draws per checkpoint)")
-    if args.whole:
-        for precision in ("float32", "bf16"):
-            start = time.perf_counter()
-            measure_gradient_variance(vae, x, ["reparam", "score", "score-avg-baseline"],
-                                      num_draws=args.draws, oracle_draws=2 * args.draws,
-                                      chunk_size=args.chunk, precision=precision)
-            seconds = time.perf_counter() - start
-            print(f"whole measurement, {precision}: {seconds:.1f} s for one checkpoint at "
-                  f"R = {args.draws}; projected default (4 checkpoints, R = 1000, oracle 2000): "
-                  f"{4 * seconds * 1000 / args.draws:.0f} s", flush=True)
+    exp = variance_experiment(cfg, dataset, ESTIMATORS, precision="bf16")
+    total = time.perf_counter() - start
+    oracle = sum(m["oracle_seconds"] for m in exp["measurements"])
+    compile_s = sum(m["compile_seconds"] for m in exp["measurements"])
+    draws = sum(r["seconds_per_draw"] * exp["num_draws"]
+                for m in exp["measurements"] for r in m["estimators"].values())
+    train_s, measure_s = exp["timing"]["reference_training_s"], exp["timing"]["measurement_s"]
+    print(f"default experiment: {total:.1f} s in all = reference training {train_s:.1f} s + "
+          f"measurement {measure_s:.1f} s (oracle {oracle:.1f} s, gradient draws {draws:.1f} s, "
+          f"moment-kernel compile {compile_s:.1f} s, moments and bootstrap "
+          f"{measure_s - oracle - draws - compile_s:.1f} s)", flush=True)
+
+    vae = VAE.from_config(cfg, dataset.image_shape)
+    x = fixed_minibatch(dataset, cfg, 256)
+    n = 4 * exp["num_draws"]  # draws per estimator in the experiment
+    loop = {e: ms_per_draw(vae, e, x, args.loop_draws, method="pyro") for e in ESTIMATORS}
+    func = {e: ms_per_draw(vae, e, x, args.loop_draws, method="func", chunk_size=10)
+            for e in ESTIMATORS}
+    for name, per in (("plain loop (Pyro loss_and_grads per draw)", loop),
+                      ("torch.func vmap path, float32", func)):
+        parts = ", ".join(f"{e} {ms:.1f}" for e, ms in per.items())
+        print(f"{name}: {parts} ms/draw; 12,000 draws: {n * sum(per.values()) / 1e3:.0f} s",
+              flush=True)
+    print(f"measurement vs plain loop's draws alone: {measure_s:.1f} s vs "
+          f"{n * sum(loop.values()) / 1e3:.0f} s ({n * sum(loop.values()) / 1e3 / measure_s:.1f}x)")
     print(f"load average after: {os.getloadavg()[0]:.2f}")
 
 

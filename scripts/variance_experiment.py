@@ -16,6 +16,7 @@ from pathlib import Path
 
 from pyro_vae import Config, load_dataset
 from pyro_vae.plots import write_variance_figures
+from pyro_vae.runtime import reuse_freed_memory
 from pyro_vae.variance import variance_experiment, variance_rows
 
 
@@ -48,9 +49,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=256, help="training batch size")
     p.add_argument("--curve-steps", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--precision", default="float32", choices=["float32", "bf16"],
-                   help="matrix products of the draws (bf16: autocast, faster on AMX CPUs)")
+    p.add_argument("--precision", default="bf16", choices=["float32", "bf16"],
+                   help="matrix products of the draws and the oracle (as pyro-vae variance "
+                   "--draw-precision)")
     args = p.parse_args(argv)
+    reuse_freed_memory()
     cfg = Config()
     cfg.data.dataset = args.dataset
     cfg.train.batch_size = args.batch_size

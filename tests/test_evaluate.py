@@ -127,6 +127,16 @@ def test_chunked_and_unchunked_agree():
     assert not torch.allclose(other_seed, whole.estimate)
 
 
+def test_worker_processes_give_the_single_process_result():
+    torch.manual_seed(0)
+    vae = VAE.from_config(tiny_config(), (1, 28, 28)).eval()
+    x = (torch.rand(7, 784) < 0.3).float()
+    one = importance_log_likelihood(vae, x, 300, batch_size=2, seed=4, compile=False)
+    two = importance_log_likelihood(vae, x, 300, batch_size=2, seed=4, compile=False, workers=2)
+    torch.testing.assert_close(two.estimate, one.estimate, rtol=0, atol=1e-5)
+    torch.testing.assert_close(two.stderr, one.stderr, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("pixels", [784, 13, 241])  # 241 is prime and above the group cap
 def test_grouped_bernoulli_sum_matches_distribution_at_extreme_logits(pixels):
     g = torch.Generator().manual_seed(0)
@@ -340,7 +350,7 @@ def test_bench_script_runs(runs, capsys):
     assert _script("bench_loglik").main([str(runs[2]), "--num-samples", "20", "--limit", "3",
                                          "--loop-images", "1", "--compare-images", "2",
                                          "--peak-size", "128", "--no-compile",
-                                         "--target-images", "30"]) == 0
+                                         "--target-images", "30", "--workers", "1"]) == 0
     out = capsys.readouterr().out
     assert "plain per-image loop" in out and "% of this run's float32 peak" in out
     assert "measured on 3, scaled to 30" in out and "bfloat16 - float32 on 2 images" in out
