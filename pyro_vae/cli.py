@@ -108,8 +108,8 @@ def _add_evaluate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="images per step [default: 8]")
     p.add_argument("--chunk-size", type=int, default=None,
                    help="importance samples per image per step [default: 1024]")
-    p.add_argument("--elbo-particles", type=int, default=10,
-                   help="z draws per image for the ELBO terms [default: 10]")
+    p.add_argument("--num-particles", type=int, default=10,
+                   help="z draws per image for the ELBO terms, as in train [default: 10]")
     p.add_argument("--precision", default="float32", choices=["float32", "bf16"],
                    help="matmul precision of the decoder layers, as in train [default: float32]")
     p.add_argument("--workers", type=int, default=1,
@@ -122,7 +122,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_run, format_evaluation
 
     result = evaluate_run(args.run_dir, args.split, args.num_samples, args.limit,
-                          args.batch_size, args.chunk_size, args.elbo_particles, args.seed,
+                          args.batch_size, args.chunk_size, args.num_particles, args.seed,
                           _EVAL_PRECISION[args.precision], out=args.out, overwrite=args.overwrite,
                           device=args.device, workers=args.workers)
     print(format_evaluation(result))
@@ -131,18 +131,23 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 
 def _add_sample(p: argparse.ArgumentParser) -> None:
     _add_run_common(p)
-    p.add_argument("--num-samples", type=int, default=64, help="prior samples [default: 64]")
+    p.add_argument("--num-images", type=int, default=64,
+                   help="images decoded from prior draws [default: 64]")
     p.add_argument("--num-pairs", type=int, default=8,
                    help="interpolated pairs of test images [default: 8]")
     p.add_argument("--steps", type=int, default=10, help="points per interpolation [default: 10]")
+    p.add_argument("--projection", default="pca", choices=["pca", "tsne"],
+                   help="2-D view of latents above 2-D: PCA of all test encodings, or t-SNE of "
+                   "the first 2000 (scikit-learn) [default: pca]")
     p.add_argument("--out", default=None, help="output folder [default: RUN_DIR/samples]")
 
 
 def _run_sample(args: argparse.Namespace) -> int:
     from .evaluate import sample_run
 
-    paths = sample_run(args.run_dir, args.out, args.seed, args.num_samples, args.num_pairs,
-                       args.steps, overwrite=args.overwrite, device=args.device)
+    paths = sample_run(args.run_dir, args.out, args.seed, args.num_images, args.num_pairs,
+                       args.steps, overwrite=args.overwrite, device=args.device,
+                       projection=args.projection)
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
 
@@ -156,7 +161,9 @@ def _add_score(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", default="nll", choices=["nll", "elbo"],
                    help="nll: -log p(x) by importance sampling; elbo: -ELBO [default: nll]")
     p.add_argument("--num-samples", type=int, default=1000,
-                   help="importance samples (nll) or z draws (elbo) per image [default: 1000]")
+                   help="importance samples K per image for --method nll [default: 1000]")
+    p.add_argument("--num-particles", type=int, default=10,
+                   help="z draws per image for --method elbo, as in train [default: 10]")
     p.add_argument("--limit", type=int, default=0, help="only the first N images (0: all)")
     p.add_argument("--precision", default="float32", choices=["float32", "bf16"],
                    help="matmul precision of the decoder layers, as in train [default: float32]")
@@ -167,7 +174,8 @@ def _add_score(p: argparse.ArgumentParser) -> None:
 def _run_score(args: argparse.Namespace) -> int:
     from .evaluate import score_run
 
-    out = score_run(args.run_dir, args.split, args.images, args.method, args.num_samples,
+    draws = args.num_samples if args.method == "nll" else args.num_particles
+    out = score_run(args.run_dir, args.split, args.images, args.method, draws,
                     args.limit, args.seed, precision=_EVAL_PRECISION[args.precision], out=args.out,
                     overwrite=args.overwrite, device=args.device)
     print(f"wrote {out}")

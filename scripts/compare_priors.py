@@ -3,9 +3,9 @@
 For each prior in ``pyro_vae.PRIORS`` (or those named with ``--priors``) this trains a VAE with
 identical settings apart from the prior, then measures on the test split:
 
-* the test ELBO (Monte Carlo, ``--elbo-particles`` samples of z per image),
+* the test ELBO (Monte Carlo, ``--num-particles`` samples of z per image),
 * the importance-sampled log-likelihood log p(x) ~ log (1/K) sum_k p(x, z_k) / q(z_k | x) with
-  z_k ~ q(z | x) (Burda, Grosse & Salakhutdinov 2016, eq. 8 with K = ``--is-samples``),
+  z_k ~ q(z | x) (Burda, Grosse & Salakhutdinov 2016, eq. 8 with K = ``--num-samples``),
 * the number of active latent units: dimensions u with Cov_x(E_q[z_u | x]) > 0.01 (Burda et al.
   2016, section 5.2),
 
@@ -110,8 +110,8 @@ def run_prior(prior: str, args: argparse.Namespace, dataset: Dataset,
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(args.seed + 1)
         elbo = pv_evaluate.elbo_per_image(vae, test, batch_size=100,
-                                          num_particles=args.elbo_particles)
-        ll, ll_source = log_likelihood(vae, test, args.is_samples)
+                                          num_particles=args.num_particles)
+        ll, ll_source = log_likelihood(vae, test, args.num_samples)
         units = active_units(vae, test)
         samples = vae.sample(64, mean=True)
     path = figures / f"prior_samples_{prior}.png"
@@ -142,8 +142,8 @@ def markdown_table(rows: list[dict], args: argparse.Namespace, command: str,
         f"{args.epochs} epochs, seed {args.seed}; mixture components and VampPrior "
         f"pseudo-inputs K = {args.components}; flow depth {args.flow_depth}.",
         "",
-        f"Test ELBO uses {args.elbo_particles} samples of z per image; log p(x) is "
-        f"importance-sampled with K = {args.is_samples} (source: "
+        f"Test ELBO uses {args.num_particles} samples of z per image; log p(x) is "
+        f"importance-sampled with K = {args.num_samples} (source: "
         f"{rows[0]['log_likelihood_source']}). Nats per image, higher is better; NLL = -log p(x).",
         "",
         "| prior | prior params | test ELBO | test log p(x) | log p(x) vs standard-normal "
@@ -175,8 +175,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--elbo-particles", type=int, default=10)
-    p.add_argument("--is-samples", type=int, default=1000)
+    p.add_argument("--num-particles", type=int, default=10)
+    p.add_argument("--num-samples", type=int, default=1000)
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "priors_results.md",
                    help="Markdown table; a .json with the same stem is written beside it")
     p.add_argument("--figures", type=Path, default=ROOT / "docs" / "figures",

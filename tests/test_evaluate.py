@@ -291,12 +291,33 @@ def test_evaluate_command_writes_json(runs, capsys):
 @pytest.mark.parametrize("latent", [2, 8])
 def test_sample_command_writes_figures(runs, latent, tmp_path):
     out = tmp_path / "fig"
-    assert main(["sample", str(runs[latent]), "--out", str(out), "--num-samples", "16",
+    assert main(["sample", str(runs[latent]), "--out", str(out), "--num-images", "16",
                  "--num-pairs", "3", "--steps", "5"]) == 0
     expected = {"prior_means", "prior_draws", "reconstructions", "interpolations",
                 "latent_space"} | ({"manifold"} if latent == 2 else set())
     assert {p.stem for p in out.glob("*.png")} == expected
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in out.glob("*.png"))
+
+
+def test_sample_command_tsne_projection(runs, tmp_path):
+    out = tmp_path / "tsne"
+    assert main(["sample", str(runs[8]), "--out", str(out), "--num-images", "4",
+                 "--num-pairs", "1", "--steps", "2", "--projection", "tsne"]) == 0
+    assert (out / "latent_space.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_tsne_keeps_separated_clusters_apart():
+    pytest.importorskip("sklearn")
+    from pyro_vae.evaluate import tsne
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(60, 10, generator=g)
+    b = torch.randn(60, 10, generator=g) + 20.0  # far away in every dimension
+    e = tsne(torch.cat([a, b]), seed=0)
+    assert e.shape == (120, 2)
+    gap = (e[:60].mean(0) - e[60:].mean(0)).norm()
+    spread = max(e[:60].std(0).norm(), e[60:].std(0).norm())
+    assert gap > 3 * spread
 
 
 @pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")  # write_png
@@ -318,7 +339,7 @@ def test_score_command_split_and_folder(runs, tmp_path, capsys):
     write_png(noise, str(folder / "b_noise.png"))
     out2 = tmp_path / "folder.csv"
     assert main(["score", str(run), "--images", str(folder), "--method", "elbo",
-                 "--num-samples", "8", "--out", str(out2)]) == 0
+                 "--num-particles", "8", "--out", str(out2)]) == 0
     rows = list(csv.DictReader(out2.read_text().splitlines()))
     assert [r["file"] for r in rows] == ["a_blank.png", "b_noise.png"]
     # Half-on random pixels are far less likely under a digit model than a blank image.

@@ -280,7 +280,7 @@ def test_compare_priors_script_runs_and_refuses_to_overwrite(tmp_path):
     out, figures = tmp_path / "results.md", tmp_path / "fig"
     argv = ["--priors", "standard-normal", "vamp", "--train-limit", "200", "--test-limit", "20",
             "--epochs", "1", "--hidden-dims", "16", "--latent-dim", "3", "--components", "2",
-            "--is-samples", "8", "--elbo-particles", "2", "--out", str(out),
+            "--num-samples", "8", "--num-particles", "2", "--out", str(out),
             "--figures", str(figures)]
     assert script.main(argv) == 0
     table = out.read_text()

@@ -485,7 +485,8 @@ def test_resume_on_images_of_another_size_is_refused(capsys, run_copy, digits):
     # the commands that read a finished run refuse the new images the same way
     for command in ("evaluate", "sample", "score"):
         if command in COMMANDS:
-            code, err = cli(capsys, command, run, "--num-samples", "4")
+            size = "--num-images" if command == "sample" else "--num-samples"
+            code, err = cli(capsys, command, run, size, "4")
             assert_refused(code, err, "(1, 28, 28)", "(1, 20, 20)")
             assert snapshot(run) == before, command
 
