@@ -41,12 +41,15 @@ def elbo_per_image(vae: VAE, x: torch.Tensor, batch_size: int = 1000,
 
     Uses Trace_ELBO on the VAE's own model and guide, in chunks of ``batch_size`` images, with
     reparametrized sampling whatever the training estimator (the value does not depend on how
-    gradients are estimated). Higher is better.
+    gradients are estimated). Higher is better. Runs in a scope of Pyro's param store: the
+    model and guide register the VAE's modules there, and the caller's store (another model's
+    parameters, a training run's moving-average baseline) is left as it was.
     """
     elbo = Trace_ELBO(num_particles=num_particles, vectorize_particles=True, max_plate_nesting=1)
     total = 0.0
-    for chunk in x.split(batch_size):
-        total += elbo.loss(vae.model, _reparam_guide(vae), chunk)
+    with pyro.get_param_store().scope():
+        for chunk in x.split(batch_size):
+            total += elbo.loss(vae.model, _reparam_guide(vae), chunk)
     return -total / x.shape[0]
 
 
@@ -588,7 +591,20 @@ def _check_new(paths: list[Path], overwrite: bool) -> None:
                               "choose another output path")
 
 
-def _bits_per_dim(nats: float, num_pixels: int) -> float:
+#: Likelihoods that are densities on [0, 1] per pixel rather than probabilities of values.
+DENSITY_LIKELIHOODS = ("gaussian", "continuous-bernoulli")
+#: Grey levels of the 8-bit images the datasets come from.
+GREY_LEVELS = 256
+
+
+def _bits_per_dim(nats: float, num_pixels: int, likelihood: str = "bernoulli") -> float:
+    """-log2 p(x) per pixel. For a density on [0, 1] (``DENSITY_LIKELIHOODS``) the value is
+    first put on the scale of the 256 grey levels, log p(x) - D log 256: the log-probability
+    of the pixel's bin if the density were flat within it (the uniform-dequantization
+    convention, Theis, van den Oord & Bethge 2016). Without that term a density's "bits/dim"
+    can be negative and is not comparable with a discrete likelihood's."""
+    if likelihood in DENSITY_LIKELIHOODS:
+        nats = nats - num_pixels * math.log(GREY_LEVELS)
     return -nats / (num_pixels * math.log(2))
 
 
@@ -624,13 +640,15 @@ def evaluate_run(run_dir: str | Path, split: str = "test", num_samples: int = 50
         "likelihood": cfg.model.likelihood, "latent_dim": cfg.model.latent_dim,
         "elbo": {"nats": float(elbo.mean()),
                  "stderr": float(elbo.std() / math.sqrt(len(elbo))) if len(elbo) > 1 else None,
-                 "bits_per_dim": _bits_per_dim(float(elbo.mean()), num_pixels),
+                 "bits_per_dim": _bits_per_dim(float(elbo.mean()), num_pixels,
+                                               cfg.model.likelihood),
                  "reconstruction_nats": float(terms.reconstruction.mean()),
                  "kl_nats": float(terms.kl.mean()), "kl_closed_form": terms.kl_closed_form,
                  "num_particles": elbo_particles},
         "log_likelihood": {"nats": ll.mean(), "mc_stderr": ll.mc_stderr(),
                            "stderr": ll.data_stderr(),
-                           "bits_per_dim": _bits_per_dim(ll.mean(), num_pixels),
+                           "bits_per_dim": _bits_per_dim(ll.mean(), num_pixels,
+                                                         cfg.model.likelihood),
                            "num_samples": num_samples, "precision": precision,
                            "seconds": seconds, "workers": workers},
         "gap_nats": ll.mean() - float(elbo.mean()),

@@ -385,3 +385,31 @@ def test_anomaly_script_runs(tmp_path, capsys):
     report = json.loads((out / "anomaly.json").read_text())
     assert 0.0 <= report["auroc"]["nll"] <= 1.0 and report["held_out_classes"] == [5, 6, 7, 8, 9]
     assert (out / "anomaly_hist.png").is_file() and (out / "scores.csv").is_file()
+
+
+def test_elbo_per_image_leaves_the_param_store_alone():
+    import pyro
+
+    from pyro_vae.evaluate import elbo_per_image
+
+    store = pyro.get_param_store()
+    store.clear()
+    store["__baseline_avg_downstream_cost_z"] = torch.full((4,), -123.0)
+    # a stale parameter of another model under a name this VAE's modules also use
+    store["decoder$$$net.0.weight"] = torch.zeros(3, 3)
+    vae = VAE.from_config(tiny_config(), (1, 28, 28)).eval()
+    value = elbo_per_image(vae, (torch.rand(5, 784) < 0.3).float())
+    assert math.isfinite(value)
+    assert set(store.keys()) == {"__baseline_avg_downstream_cost_z", "decoder$$$net.0.weight"}
+    assert torch.equal(store["__baseline_avg_downstream_cost_z"], torch.full((4,), -123.0))
+    assert torch.equal(store["decoder$$$net.0.weight"], torch.zeros(3, 3))
+
+
+def test_bits_per_dim_puts_densities_on_the_grey_level_scale():
+    from pyro_vae.evaluate import _bits_per_dim
+
+    # a uniform density on [0, 1]^D has log p = 0: its 256 equal bins carry 8 bits each
+    assert _bits_per_dim(0.0, 784, "gaussian") == pytest.approx(8.0)
+    assert _bits_per_dim(0.0, 784, "continuous-bernoulli") == pytest.approx(8.0)
+    # a probability of binary pixels is taken as it is: 784 fair coins are 1 bit each
+    assert _bits_per_dim(-784 * math.log(2), 784, "bernoulli") == pytest.approx(1.0)
