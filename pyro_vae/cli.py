@@ -107,7 +107,8 @@ def _add_evaluate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, default=0, help="only the first N images (0: all)")
     p.add_argument("--batch-size", type=int, default=8, help="images per step [default: 8]")
     p.add_argument("--chunk-size", type=int, default=None,
-                   help="importance samples per image per step [default: 1024]")
+                   help="importance samples per image per step [default: 8192 on the fused "
+                   "MLP/Bernoulli path, 1024 otherwise]")
     p.add_argument("--num-particles", type=int, default=10,
                    help="z draws per image for the ELBO terms, as in train [default: 10]")
     p.add_argument("--precision", default="float32", choices=["float32", "bf16"],

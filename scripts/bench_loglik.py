@@ -112,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=2,
                    help="processes sharing the images (importance_log_likelihood(workers=))")
     p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--chunk-size", type=int, default=1024)
+    p.add_argument("--chunk-size", type=int, default=None,
+                   help="samples per image per step [default: the library's]")
     p.add_argument("--peak-size", type=int, default=2048, help="side of the peak-rate GEMM")
     p.add_argument("--precisions", nargs="+", default=["bfloat16"])
     p.add_argument("--no-compile", action="store_true", help="run the fused kernel eagerly")
