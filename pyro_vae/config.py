@@ -134,6 +134,9 @@ class TrainConfig:
                          need="> 0")
     batch_size: int = option(128, "images per minibatch", check=_positive, need="> 0")
     lr: float = option(1e-3, "Adam learning rate", check=_positive, need="> 0")
+    encoder_lr_scale: float = option(0.0, "the encoder's Adam rate is lr times this (0: the "
+                                          "estimator's default: 0.1 for score, 1 otherwise)",
+                                     check=_non_negative, need=">= 0")
     seed: int = option(0, "random seed (data order, binarization, z draws, initialisation)")
     device: str = option("auto", "auto picks cuda when available",
                          choices=["auto", "cpu", "cuda"])

@@ -385,7 +385,7 @@ def importance_log_likelihood(vae: VAE, x: torch.Tensor, num_samples: int = 5000
     _check_positive("workers", workers)
     if workers > 1 and x.shape[0] > 1 and x.device.type == "cpu":
         return _parallel_log_likelihood(
-            vae, x, workers, num_samples=num_samples, batch_size=batch_size,
+            vae, x, workers, first_index, num_samples=num_samples, batch_size=batch_size,
             chunk_size=chunk_size, seed=seed, precision=precision, fast=fast, compile=compile)
     estimates, stderrs = [], []
     k_total = num_samples
@@ -430,8 +430,8 @@ def _worker_log_likelihood(vae: VAE, x: torch.Tensor, kwargs: dict[str, Any]) ->
     return importance_log_likelihood(vae, x, **kwargs)
 
 
-def _parallel_log_likelihood(vae: VAE, x: torch.Tensor, workers: int, **kwargs: Any
-                             ) -> LogLikelihood:
+def _parallel_log_likelihood(vae: VAE, x: torch.Tensor, workers: int, first_index: int = 0,
+                             **kwargs: Any) -> LogLikelihood:
     """:func:`importance_log_likelihood` over contiguous slices of ``x`` in ``workers`` spawned
     processes (one torch thread each). Each image's noise is seeded by its index in ``x``, so
     the estimates equal a single process's. Spawning and importing torch costs a few seconds
@@ -444,7 +444,7 @@ def _parallel_log_likelihood(vae: VAE, x: torch.Tensor, workers: int, **kwargs: 
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(workers, mp_context=context) as pool:
         futures = [pool.submit(_worker_log_likelihood, vae, x[lo:hi].clone(),
-                               {**kwargs, "workers": 1, "first_index": lo})
+                               {**kwargs, "workers": 1, "first_index": first_index + lo})
                    for lo, hi in zip(bounds[:-1], bounds[1:])]
         parts = [f.result() for f in futures]
     return LogLikelihood(torch.cat([p.estimate for p in parts]),
@@ -597,26 +597,26 @@ def _check_new(paths: list[Path], overwrite: bool) -> None:
                               "choose another output path")
 
 
-#: Likelihoods that are densities on [0, 1] per pixel rather than probabilities of values.
-DENSITY_LIKELIHOODS = ("gaussian", "continuous-bernoulli")
 #: Grey levels of the 8-bit images the datasets come from.
 GREY_LEVELS = 256
 
 
 def _bits_per_dim(nats: float, num_pixels: int, likelihood: str = "bernoulli") -> float:
-    """-log2 p(x) per pixel. For a density on [0, 1] (``DENSITY_LIKELIHOODS``) the value is
+    """-log2 p(x) per pixel. For a density on [0, 1] (``Likelihood.is_density``) the value is
     first put on the scale of the 256 grey levels, log p(x) - D log 256: the log-probability
     of the pixel's bin if the density were flat within it (the uniform-dequantization
     convention, Theis, van den Oord & Bethge 2016). Without that term a density's "bits/dim"
     can be negative and is not comparable with a discrete likelihood's."""
-    if likelihood in DENSITY_LIKELIHOODS:
+    from .networks import LIKELIHOODS
+
+    if LIKELIHOODS[likelihood].is_density:
         nats = nats - num_pixels * math.log(GREY_LEVELS)
     return -nats / (num_pixels * math.log(2))
 
 
 def evaluate_run(run_dir: str | Path, split: str = "test", num_samples: int = 5000,
                  limit: int = 0, batch_size: int = 8, chunk_size: int | None = None,
-                 elbo_particles: int = 10, seed: int = 0, precision: str = "float32",
+                 num_particles: int = 10, seed: int = 0, precision: str = "float32",
                  threshold: float = 0.01, out: str | Path | None = None,
                  overwrite: bool = False, device: str = "cpu", workers: int = 1
                  ) -> dict[str, Any]:
@@ -626,14 +626,14 @@ def evaluate_run(run_dir: str | Path, split: str = "test", num_samples: int = 50
     run_dir = Path(run_dir)
     out = Path(out) if out is not None else run_dir / EVALUATION_FILE
     _check_positive("num_samples", num_samples)
-    _check_positive("elbo_particles", elbo_particles)
+    _check_positive("num_particles", num_particles)
     cfg, vae, shape = _load(run_dir, device)
     _check_new([out], overwrite)
     x, _ = run_split(cfg, split, limit, shape)
     x = x.to(next(vae.parameters()).device)
     num_pixels = x.shape[1]
-    terms = elbo_terms(vae, x, batch_size=max(1, DEFAULT_ROWS_PER_STEP // elbo_particles),
-                       num_particles=elbo_particles, seed=seed)
+    terms = elbo_terms(vae, x, batch_size=max(1, DEFAULT_ROWS_PER_STEP // num_particles),
+                       num_particles=num_particles, seed=seed)
     elbo = terms.elbo
     start = time.perf_counter()
     ll = importance_log_likelihood(vae, x, num_samples, batch_size, chunk_size, seed=seed,
@@ -650,7 +650,7 @@ def evaluate_run(run_dir: str | Path, split: str = "test", num_samples: int = 50
                                                cfg.model.likelihood),
                  "reconstruction_nats": float(terms.reconstruction.mean()),
                  "kl_nats": float(terms.kl.mean()), "kl_closed_form": terms.kl_closed_form,
-                 "num_particles": elbo_particles},
+                 "num_particles": num_particles},
         "log_likelihood": {"nats": ll.mean(), "mc_stderr": ll.mc_stderr(),
                            "stderr": ll.data_stderr(),
                            "bits_per_dim": _bits_per_dim(ll.mean(), num_pixels,

@@ -102,10 +102,13 @@ class MLPGradients:
         vae: a VAE for which :func:`unsupported_reason` is None.
         estimator: registry name (see :data:`SUPPORTED`).
         x: the fixed minibatch ``(batch, num_pixels)``.
-        baseline: per-image baseline of the score-function estimators (plate-scaled as in
-            :func:`pyro_vae.variance.baseline_for`), or None.
-        dtype: matrix-product dtype: ``torch.float32`` or ``torch.bfloat16`` (products in
-            bfloat16 with float32 accumulation; elementwise work stays float32).
+        baseline: per-image baseline of the score-function estimators, in the per-image
+            units of :func:`pyro_vae.variance.baseline_for`, or None.
+        dtype: ``torch.float32``, or ``torch.bfloat16``: matrix products in bfloat16 with
+            float32 accumulation, and the decoder's activations, logits and the per-draw
+            gradients stored in bfloat16 (each elementwise kernel computes in float32); the
+            learning signal's sums are float32. A draw's gradient then differs from float32
+            by 0.1-0.4% (relative L2 norm, same noise).
     """
 
     def __init__(self, vae: nn.Module, estimator: str, x: torch.Tensor,
@@ -203,10 +206,14 @@ class MLPGradients:
         logits = logits.view(n, particles, batch, -1)
         grads: dict[str, torch.Tensor] = {}
 
-        if self.score:  # log p(x|z) = sum_p x l - softplus(l); sum_p x l through the last layer
-            last = inputs[-1].view(n, particles, batch, -1)
-            log_px = (last * self._x_weight).sum(-1) + self._x_bias
-            log_px -= torch.nn.functional.softplus(logits).float().sum(-1)
+        if self.score:  # log p(x|z) = sum_p x l - softplus(l)
+            if self.dtype == torch.float32:  # sum_p x l through the last layer: no pass
+                last = inputs[-1].view(n, particles, batch, -1)
+                log_px = (last * self._x_weight).sum(-1) + self._x_bias
+                log_px -= torch.nn.functional.softplus(logits).sum(-1)
+            else:  # both terms from the same rounded logits
+                per_pixel = torch.nn.functional.softplus(logits).sub_(logits * self._x_lp)
+                log_px = -per_pixel.float().sum(-1)
 
         # dL/dlogits = w (sigmoid(l) - x), in place over the logits
         g = torch.sigmoid_(logits).sub_(self._x_lp).mul_(w).view(n, rows, -1)

@@ -48,9 +48,13 @@ class Likelihood(nn.Module):
     """Turns the decoder's output (one value per pixel) into p(x|z).
 
     Subclasses implement :meth:`forward` returning a distribution with event shape
-    ``(num_pixels,)``, and may override :meth:`check_config` to reject configurations they
-    cannot handle (e.g. a density on [0, 1] asked to model binarized pixels).
+    ``(num_pixels,)``, may override :meth:`check_config` to reject configurations they
+    cannot handle (e.g. a density on [0, 1] asked to model binarized pixels), and set
+    :attr:`is_density` when ``log_prob`` is a density on [0, 1] per pixel rather than a
+    probability of discrete values (bits/dim then uses the 256-level scale, evaluate.py).
     """
+
+    is_density = False
 
     def __init__(self, cfg: ModelConfig, num_pixels: int):
         super().__init__()
@@ -79,6 +83,8 @@ class ContinuousBernoulliLikelihood(Likelihood):
     ELBO is a true bound on the density of un-binarized pixels.
     """
 
+    is_density = True
+
     def forward(self, logits: torch.Tensor) -> dist.Distribution:
         # Clamp keeps the normalizer's Taylor branch stable at extreme logits.
         logits = logits.clamp(-15.0, 15.0)
@@ -98,6 +104,8 @@ class GaussianLikelihood(Likelihood):
     fixed sigma the reconstruction term is a scaled squared error. With
     ``learn_gaussian_scale`` each pixel has its own learned sigma (a free parameter).
     """
+
+    is_density = True
 
     def __init__(self, cfg: ModelConfig, num_pixels: int):
         super().__init__(cfg, num_pixels)

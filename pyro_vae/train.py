@@ -227,8 +227,9 @@ class Trainer:
 
     # -- checkpoints --------------------------------------------------------------------------
     def _param_groups(self, cfg: Config) -> list[dict[str, Any]]:
-        """Adam parameter groups: the encoder at the estimator's ``encoder_lr_scale``."""
-        scale = ESTIMATORS[cfg.train.estimator].encoder_lr_scale
+        """Adam parameter groups: the encoder at ``train.encoder_lr_scale`` times the rate (0:
+        the estimator's default, see :attr:`Estimator.encoder_lr_scale`)."""
+        scale = cfg.train.encoder_lr_scale or ESTIMATORS[cfg.train.estimator].encoder_lr_scale
         encoder = list(self.vae.encoder.parameters())
         ids = {id(p) for p in encoder}
         rest = [p for p in self.vae.parameters() if id(p) not in ids]
@@ -254,6 +255,13 @@ class Trainer:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.vae.load_state_dict(state["vae"])
+        saved, ours = len(state["optimizer"]["param_groups"]), len(self.optimizer.param_groups)
+        if saved != ours:
+            raise CheckpointError(
+                f"the checkpoint's optimizer has {saved} parameter group(s), this run {ours}: it "
+                f"was saved with another encoder learning-rate scale (older pyro_vae versions "
+                f"trained the score estimator's encoder at the full rate); resume with "
+                f"--encoder-lr-scale {1 if saved == 1 else 0.1}")
         self.optimizer.load_state_dict(state["optimizer"])
         store = pyro.get_param_store()
         for name, value in state["param_store_extras"].items():

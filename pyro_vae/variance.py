@@ -396,7 +396,8 @@ def gradient_draws(vae: VAE, estimator: Estimator | str, x: torch.Tensor, num_dr
     estimator = ESTIMATORS[estimator] if isinstance(estimator, str) else estimator
     num_particles = max(num_particles, estimator.min_particles)
     params = measured_parameters(vae)
-    baseline = baseline_for(estimator, vae, x, train_scale)
+    with torch.autocast(x.device.type, enabled=False):  # not rounded by the draws' autocast
+        baseline = baseline_for(estimator, vae, x, train_scale)
     if method not in ("auto", "hand", "func", "pyro"):
         raise ConfigError(f"unknown method {method!r}; choose from auto, hand, func, pyro")
     if method == "pyro" or not vectorized or (method == "auto" and estimator.draw_loss is None):
@@ -440,11 +441,13 @@ def oracle_gradient(vae: VAE, x: torch.Tensor, num_draws: int, chunk_size: int =
 
     For the MLP VAE with the standard-normal prior (:mod:`pyro_vae.mlp_gradients`) each
     evaluation is the reparametrized gradient with the closed-form KL, and the noise comes in
-    antithetic pairs (eps, -eps). Both keep the mean unbiased for the ELBO gradient, which is
-    what every estimator estimates, and both lower its variance: on the default 784-400-50
-    VAE, 1,000 such evaluations have 2-16x less variance than 2,000 plain reparametrized draws
-    (docs/estimators.md). Otherwise the oracle is the mean of plain reparametrized draws, each
-    chunk one backward pass with the draws as particles. Nothing per draw is kept.
+    antithetic pairs (eps, -eps). Both keep the mean unbiased for the ELBO gradient and both
+    lower its variance: on the default 784-400-50 VAE, 1,000 such evaluations have 1.9-16x
+    less variance than 2,000 plain reparametrized draws (``scripts/oracle_variance.py``). It is
+    the gradient of the ELBO, which every estimator but ``iwae`` estimates (``iwae`` estimates
+    the gradient of its K-sample bound). Otherwise the oracle is the mean of plain
+    reparametrized draws, each chunk one backward pass with the draws as particles. Nothing
+    per draw is kept.
     """
     params = {k: p.detach() for k, p in measured_parameters(vae).items()}
     latent_dim = vae.prior().event_shape[0]
@@ -494,9 +497,11 @@ def measure_gradient_variance(vae: VAE, x: torch.Tensor, estimators: Sequence[st
             moving-average baseline).
         seed: seeds the noise; the caller's RNG state is restored afterwards.
         vectorized: False measures with a loop over Pyro's ``loss_and_grads`` (slow reference).
-        precision: ``float32``, or ``bf16``: the draws' matrix products in bfloat16
-            (autocast; about 4x faster on CPUs with AMX; per-draw gradients then differ from
-            float32 by about 0.5%, which changes variances by far less than their intervals).
+        precision: ``float32`` (the default here), or ``bf16`` (the default of ``pyro-vae
+            variance --draw-precision``): the draws' and the oracle's matrix products in
+            bfloat16 (see :class:`~pyro_vae.mlp_gradients.MLPGradients`; autocast on the
+            ``func`` path). Per-draw gradients then differ from float32 by 0.1-0.4%, which
+            changes the variances by far less than their intervals (tested).
         compile: accumulate the per-parameter moments with a torch.compile'd kernel (one
             pass over each chunk instead of six; compiling takes seconds, cached on disk
             afterwards). None: when num_draws x parameters exceeds 10^8. Falls back to eager

@@ -25,7 +25,7 @@ import time
 
 import torch
 
-from pyro_vae.evaluate import importance_log_likelihood, run_split
+from pyro_vae.evaluate import FAST_CHUNK, importance_log_likelihood, run_split
 from pyro_vae.runtime import reuse_freed_memory
 from pyro_vae.train import load_run
 
@@ -129,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     peak16 = gemm_peak(torch.bfloat16, args.peak_size)
     print(f"{cfg.data.dataset} test: {n} images timed, K = {k}, decoder "
           f"{decoder_flops(vae) / 2:.0f} MACs/sample -> {flops:.3g} FLOP for {target} images; "
-          f"threads {args.threads}; batch {args.batch_size} x chunk {args.chunk_size}")
+          f"threads {args.threads}; batch {args.batch_size} x chunk "
+          f"{args.chunk_size or FAST_CHUNK} (fused path; the plain loop uses 1000)")
     print(f"measured GEMM peak ({args.peak_size}^3), this run: float32 {peak32:.0f} GFLOP/s, "
           f"bfloat16 {peak16:.0f} GFLOP/s (nominal float32 {NOMINAL_FP32_PEAK:.0f})")
     compile = not args.no_compile

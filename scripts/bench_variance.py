@@ -36,12 +36,15 @@ def ms_per_draw(vae: VAE, name: str, x: torch.Tensor, draws: int, **kwargs) -> f
     return 1e3 * (time.perf_counter() - start) / draws
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--loop-draws", type=int, default=30,
                    help="draws per estimator for the plain loop and the vmap path")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: one per core)")
-    args = p.parse_args()
+    p.add_argument("--draws", type=int, default=1000, help="R per estimator and checkpoint")
+    p.add_argument("--oracle-draws", type=int, default=1000)
+    p.add_argument("--checkpoints", type=int, nargs="+", default=[0, 100, 500, 1000])
+    args = p.parse_args(argv)
     reuse_freed_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -52,7 +55,9 @@ def main() -> None:
     dataset = load_dataset(cfg.data)
 
     start = time.perf_counter()
-    exp = variance_experiment(cfg, dataset, ESTIMATORS, precision="bf16")
+    exp = variance_experiment(cfg, dataset, ESTIMATORS, checkpoints=args.checkpoints,
+                              num_draws=args.draws, oracle_draws=args.oracle_draws,
+                              precision="bf16")
     total = time.perf_counter() - start
     oracle = sum(m["oracle_seconds"] for m in exp["measurements"])
     compile_s = sum(m["compile_seconds"] for m in exp["measurements"])
@@ -66,15 +71,15 @@ def main() -> None:
 
     vae = VAE.from_config(cfg, dataset.image_shape)
     x = fixed_minibatch(dataset, cfg, 256)
-    n = 4 * exp["num_draws"]  # draws per estimator in the experiment
+    n = len(args.checkpoints) * exp["num_draws"]  # draws per estimator in the experiment
     loop = {e: ms_per_draw(vae, e, x, args.loop_draws, method="pyro") for e in ESTIMATORS}
     func = {e: ms_per_draw(vae, e, x, args.loop_draws, method="func", chunk_size=10)
             for e in ESTIMATORS}
     for name, per in (("plain loop (Pyro loss_and_grads per draw)", loop),
                       ("torch.func vmap path, float32", func)):
         parts = ", ".join(f"{e} {ms:.1f}" for e, ms in per.items())
-        print(f"{name}: {parts} ms/draw; 12,000 draws: {n * sum(per.values()) / 1e3:.0f} s",
-              flush=True)
+        print(f"{name}: {parts} ms/draw; the experiment's {3 * n:,} draws: "
+              f"{n * sum(per.values()) / 1e3:.0f} s", flush=True)
     print(f"measurement vs plain loop's draws alone: {measure_s:.1f} s vs "
           f"{n * sum(loop.values()) / 1e3:.0f} s ({n * sum(loop.values()) / 1e3 / measure_s:.1f}x)")
     print(f"load average after: {os.getloadavg()[0]:.2f}")

@@ -413,3 +413,8 @@ def test_bits_per_dim_puts_densities_on_the_grey_level_scale():
     assert _bits_per_dim(0.0, 784, "continuous-bernoulli") == pytest.approx(8.0)
     # a probability of binary pixels is taken as it is: 784 fair coins are 1 bit each
     assert _bits_per_dim(-784 * math.log(2), 784, "bernoulli") == pytest.approx(1.0)
+
+
+def test_score_elbo_refuses_importance_samples(runs, capsys):
+    assert main(["score", str(runs[8]), "--method", "elbo", "--num-samples", "8"]) == 2
+    assert "--num-particles" in capsys.readouterr().err

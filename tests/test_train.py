@@ -164,3 +164,19 @@ def test_encoder_learning_rate_follows_the_estimator(estimator):
     assert len(lrs) == len(list(trainer.vae.parameters()))
     for p in trainer.vae.parameters():
         assert lrs[id(p)] == pytest.approx(2e-3 * (scale if id(p) in encoder else 1.0))
+
+
+def test_encoder_lr_scale_option_overrides_and_old_checkpoints_are_named():
+    from conftest import small_dataset
+
+    from pyro_vae.train import Trainer
+
+    cfg = tiny_config(estimator="score")
+    cfg.train.encoder_lr_scale = 1.0
+    one_group = Trainer(cfg.validate(), small_dataset())
+    assert len(one_group.optimizer.param_groups) == 1
+    state = one_group.state_dict()  # like a score checkpoint of the previous version
+    fresh = Trainer(tiny_config(estimator="score").validate(), small_dataset())
+    assert len(fresh.optimizer.param_groups) == 2
+    with pytest.raises(CheckpointError, match="--encoder-lr-scale 1"):
+        fresh.load_state_dict(state)

@@ -141,3 +141,23 @@ def test_draws_include_gradients_through_the_prior(prior, mnist5k_grey):
                 scale = b[param].abs().max().item()
                 torch.testing.assert_close(a[param], b[param], rtol=1e-3, atol=1e-5 * scale,
                                            msg=lambda m, k=key, p=param: f"{k} {p}: {m}")
+
+
+def _script(name: str):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_variance_benchmark_scripts_run(capsys):
+    _script("bench_variance").main(["--draws", "3", "--oracle-draws", "4", "--checkpoints", "0",
+                                    "2", "--loop-draws", "2", "--threads", "1"])
+    out = capsys.readouterr().out
+    assert "default experiment:" in out and "plain loop" in out and "vmap path" in out
+    assert _script("oracle_variance").main(["--draws", "4", "--steps", "0"]) == 0
+    assert "antithetic analytic-kl pairs" in capsys.readouterr().out
