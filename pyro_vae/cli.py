@@ -265,6 +265,9 @@ def _run_variance(args: argparse.Namespace) -> int:
         cfg = runs[0][2]
         for key in measuring & set(vars(args)):
             setattr(cfg.train, key.split(".")[1], getattr(args, key))
+    from .runtime import apply_threads
+
+    apply_threads(cfg.train.threads)
     dataset = load_dataset(cfg.data)
     experiment = variance_experiment(
         cfg, dataset, args.estimators, checkpoints=args.checkpoints, num_draws=args.draws,

@@ -265,9 +265,9 @@ class _BernoulliMLPWeights:
     Same value as the generic path up to rounding, with less work:
 
     * log p(x|z) = sum_i x_i l_i - softplus(l_i) is summed in one fused pass
-      (:func:`_bernoulli_log_prob`): one exp per pixel, one log per group of pixels. The
-      layers multiply with weights shared by all images, so the samples of every image in a
-      batch go through one large matrix product.
+      (:func:`_bernoulli_log_prob`): one exp per pixel, one log per group of pixels. One
+      image at a time: all of its samples in a step go through each layer as one matrix
+      product (a step is up to FAST_CHUNK samples).
     * log q(z|x) for z = loc + scale * eps is -|eps|^2 / 2 - sum log scale - D log(2 pi) / 2,
       computed from eps; with the N(0, I) prior,
       log p(z) - log q(z|x) = (|eps|^2 - |z|^2) / 2 + sum log scale.
@@ -297,7 +297,7 @@ class _BernoulliMLPWeights:
         self.grouped = kernel is not None
         self.kernel = kernel if kernel is not None else _mlp_bernoulli_log_prob
 
-    def __call__(self, x: torch.Tensor, q, loc: torch.Tensor, scale: torch.Tensor,
+    def __call__(self, x: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor,
                  eps: torch.Tensor) -> torch.Tensor:
         x = x.unsqueeze(1)                                                # (B, 1, P)
         loc, scale = loc.unsqueeze(1), scale.unsqueeze(1)
@@ -402,7 +402,7 @@ def importance_log_likelihood(vae: VAE, x: torch.Tensor, num_samples: int = 5000
             eps = _image_noise(seed, first_index + first, xb.shape[0], k0, k, loc.shape[-1],
                                x.device, loc.dtype)
             if use_fast:
-                lw = log_w(xb, q, loc, scale, eps)                        # (B, k)
+                lw = log_w(xb, loc, scale, eps)                           # (B, k)
             else:
                 z = (loc.unsqueeze(1) + scale.unsqueeze(1) * eps).transpose(0, 1)
                 lw = _log_weights_generic(vae, xb, q, z).transpose(0, 1)

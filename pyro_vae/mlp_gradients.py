@@ -145,9 +145,11 @@ class MLPGradients:
         self.loc, self.raw = loc, raw
         self.scale = torch.nn.functional.softplus(raw) + MIN_SCALE
         self.dscale_draw = torch.sigmoid(raw)
+        self._sum_log_scale = torch.log(self.scale).sum(-1)  # of log q, the same every draw
         self._cast: dict[str, torch.Tensor] = {}
         # shared inputs of the encoder layers and head, and activation derivatives, transposed
-        self._shared_lp = [self._lp(t) for t in [*self.inputs, self.last_hidden]]
+        self._shared_float = [*self.inputs, self.last_hidden]
+        self._shared_lp = [self._lp(t) for t in self._shared_float]
         self._shared_deriv_t = [
             self._lp(DERIVATIVES[type(layer.activation)](a, h).T.contiguous())
             for layer, (a, h) in zip(self.encoder, self.pre)]
@@ -251,13 +253,14 @@ class MLPGradients:
         else:  # score function
             half_log_2pi = 0.5 * math.log(2 * math.pi) * latent
             log_pz = -0.5 * (z * z).sum(-1) - half_log_2pi
-            log_q = -0.5 * (eps * eps).sum(-1) - torch.log(scale).sum(-1) - half_log_2pi
+            eps2 = eps * eps
+            log_q = -0.5 * eps2.sum(-1) - self._sum_log_scale - half_log_2pi
             signal = log_px + log_pz - log_q
             if self.baseline is not None:
                 signal = signal - self.baseline
             coef = (-w * signal).unsqueeze(-1) / scale  # (n, S, B, L)
             g_loc = (coef * eps).sum(1)
-            g_scale = (coef * (eps * eps - 1)).sum(1)
+            g_scale = (coef * (eps2 - 1)).sum(1)
 
         # encoder backward, transposed: (n, features, batch). Each layer's input is the same in
         # every draw, so one product gives every draw's weight gradient.
@@ -269,7 +272,7 @@ class MLPGradients:
             g = self._lp(g.contiguous())
             if summed:
                 total = g.float().sum(0)
-                grads[f"{layer.name}.weight"] = total @ self._shared_lp[i].float()
+                grads[f"{layer.name}.weight"] = total @ self._shared_float[i]
                 grads[f"{layer.name}.bias"] = total.sum(1)
             else:
                 grads[f"{layer.name}.weight"] = torch.matmul(

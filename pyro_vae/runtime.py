@@ -12,6 +12,15 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 
+import torch
+
+
+def apply_threads(threads: int) -> None:
+    """``torch.set_num_threads(threads)``, or leave torch's default (one per core) for 0."""
+    if threads:
+        torch.set_num_threads(threads)
+
+
 #: glibc ``mallopt`` parameters (malloc.h).
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3

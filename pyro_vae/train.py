@@ -43,6 +43,7 @@ from .estimators import ESTIMATORS
 from .evaluate import elbo_per_image
 from .fast import adam, keep_float32_outputs, make_fast_elbo, precision_context
 from .model import VAE
+from .runtime import apply_threads
 
 CONFIG_FILE = "config.toml"
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -98,6 +99,15 @@ def _config_differences(old: Config, new: Config) -> list[str]:
     a, b = old.to_dict(), new.to_dict()
     return [f"{s}.{k} ({a[s][k]!r} -> {b[s][k]!r})" for s in a for k in a[s]
             if (s, k) not in RESUMABLE_KEYS and a[s][k] != b[s].get(k)]
+
+
+def _total_grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
+    """The global L2 norm of the parameters' gradients (0 without any), as clipping computes
+    it; ``torch.nn.utils.get_total_norm`` where torch has it (2.6+)."""
+    get_total_norm = getattr(torch.nn.utils, "get_total_norm", None)
+    if get_total_norm is None:
+        return torch.nn.utils.clip_grad_norm_(params, math.inf)
+    return get_total_norm([p.grad for p in params if p.grad is not None])
 
 
 def check_run_dir(run_dir: Path, cfg: Config, resume: bool, overwrite: bool) -> None:
@@ -230,11 +240,11 @@ class Trainer:
         """Adam parameter groups: the encoder at ``train.encoder_lr_scale`` times the rate (0:
         the estimator's default, see :attr:`Estimator.encoder_lr_scale`)."""
         scale = cfg.train.encoder_lr_scale or ESTIMATORS[cfg.train.estimator].encoder_lr_scale
+        if scale == 1.0:
+            return [{"params": list(self.vae.parameters())}]
         encoder = list(self.vae.encoder.parameters())
         ids = {id(p) for p in encoder}
         rest = [p for p in self.vae.parameters() if id(p) not in ids]
-        if scale == 1.0:
-            return [{"params": encoder + rest}]
         return [{"params": encoder, "lr": cfg.train.lr * scale}, {"params": rest}]
 
     def state_dict(self) -> dict[str, Any]:
@@ -336,9 +346,11 @@ class Trainer:
             if isinstance(e, PyroVAEError) or "found invalid values" not in str(e):
                 raise
             loss = math.nan
-        clip = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else math.inf
         # Parameters without a gradient this step are ignored; with none, the norm is 0.
-        grad_norm = torch.nn.utils.clip_grad_norm_(self._params, clip)
+        if self.cfg.train.grad_clip > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self._params, self.cfg.train.grad_clip)
+        else:  # only the norm (for the finiteness check), without a pass that scales by 1
+            grad_norm = _total_grad_norm(self._params)
         if not (math.isfinite(loss) and torch.isfinite(grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)
             self.bad_steps += 1
@@ -434,8 +446,7 @@ def fit(config: Config, run_dir: str | Path | None = None, *, resume: bool = Fal
     """
     config.validate()
     workers = distributed.setup(config.train.device)  # joins torchrun's processes, if any
-    if config.train.threads:
-        torch.set_num_threads(config.train.threads)
+    apply_threads(config.train.threads)
     run_dir = Path(run_dir) if run_dir is not None else None
     if run_dir is not None:
         check_run_dir(run_dir, config, resume, overwrite)

@@ -679,10 +679,12 @@ def variance_experiment(cfg: Any, dataset: Any, estimators: Sequence[str] = (
             vae = VAE.from_config(ref_cfg, dataset.image_shape)
             vae.load_state_dict(snap["vae"])
             measured.append(("reference", latent_dim, step, vae, snap["store"], train_scale))
+    # one fixed minibatch per size, the same at every checkpoint (each call re-binarizes the set)
+    minibatches = {size: fixed_minibatch(dataset, cfg, size, seed) for size in sizes}
     start_all = time.perf_counter()
     for run_name, latent_dim, step, vae, store, train_scale in measured:
         for size in sizes:
-            x = fixed_minibatch(dataset, cfg, size, seed)
+            x = minibatches[size]
             pyro.clear_param_store()
             for key, value in store.items():
                 pyro.get_param_store()[key] = value

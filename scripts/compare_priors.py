@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shlex
 import sys
 import time
@@ -36,47 +35,10 @@ from pyro_vae import PRIORS, Config, Dataset, load_dataset
 from pyro_vae import evaluate as pv_evaluate
 from pyro_vae.config import DataConfig
 from pyro_vae.errors import PyroVAEError
-from pyro_vae.model import VAE
 from pyro_vae.plots import save_image_grid
 from pyro_vae.train import fit
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-# -- measurements (fallbacks when pyro_vae.evaluate lacks them) --------------------------------
-@torch.no_grad()
-def is_log_likelihood(vae: VAE, x: torch.Tensor, num_samples: int,
-                      batch_size: int = 100) -> torch.Tensor:
-    """Importance-sampled log p(x) per image with the encoder as proposal, in nats."""
-    prior = vae.prior()
-    # Keep K * batch * num_pixels floats within a few tens of MB.
-    chunk = max(1, min(batch_size, 20_000 // num_samples))
-    out = []
-    for xb in x.split(chunk):
-        q = vae.encoder(xb)
-        z = q.sample((num_samples,))  # (K, B, latent_dim)
-        log_w = vae.decoder(z).log_prob(xb) + prior.log_prob(z) - q.log_prob(z)
-        out.append(torch.logsumexp(log_w, 0) - math.log(num_samples))
-    return torch.cat(out)
-
-
-@torch.no_grad()
-def count_active_units(vae: VAE, x: torch.Tensor, threshold: float = 0.01) -> int:
-    """Latent dimensions whose posterior mean varies across images by more than ``threshold``."""
-    means = torch.cat([vae.encoder(xb).mean for xb in x.split(500)])
-    return int((means.var(0) > threshold).sum())
-
-
-def log_likelihood(vae: VAE, x: torch.Tensor, num_samples: int) -> tuple[torch.Tensor, str]:
-    fn = getattr(pv_evaluate, "log_likelihood", None)
-    if fn is not None:
-        return fn(vae, x, num_samples, 8), "pyro_vae.evaluate.log_likelihood"
-    return is_log_likelihood(vae, x, num_samples), "scripts/compare_priors.py"
-
-
-def active_units(vae: VAE, x: torch.Tensor) -> int:
-    fn = getattr(pv_evaluate, "active_units", None)
-    return int(fn(vae, x)) if fn is not None else count_active_units(vae, x)
 
 
 # -- one prior ---------------------------------------------------------------------------------
@@ -111,8 +73,9 @@ def run_prior(prior: str, args: argparse.Namespace, dataset: Dataset,
         torch.manual_seed(args.seed + 1)
         elbo = pv_evaluate.elbo_per_image(vae, test, batch_size=100,
                                           num_particles=args.num_particles)
-        ll, ll_source = log_likelihood(vae, test, args.num_samples)
-        units = active_units(vae, test)
+        ll = pv_evaluate.log_likelihood(vae, test, args.num_samples, 8)
+        ll_source = "pyro_vae.evaluate.log_likelihood"
+        units = int(pv_evaluate.active_units(vae, test))
         samples = vae.sample(64, mean=True)
     path = figures / f"prior_samples_{prior}.png"
     save_image_grid(path, samples, result.dataset.image_shape, ncols=8,
