@@ -1,47 +1,72 @@
-"""pyro_vae: variational auto-encoders in Pyro, and a lab for their gradient estimators."""
+"""pyro_vae: variational auto-encoders in Pyro, and a lab for their gradient estimators.
 
-from .config import Config, DataConfig, ModelConfig, TrainConfig
-from .data import DATASETS, Dataset, Split, load_dataset, read_idx
+The package is layered (docs/architecture.md): ``models`` -> ``inference`` -> ``metrics`` ->
+``training`` -> ``lab`` -> ``app``, each importing only the layers before it and the base
+modules (``config``, ``errors``, ``registry``, ``data``). This file re-exports the public API.
+"""
+
+from . import inference, models  # noqa: F401 - fill the registries before anything reads them
+from .app.train import train
+from .config import Config, DataConfig, ModelConfig, RunConfig, TrainConfig
+from .data import Dataset, Split, load_dataset, read_idx
 from .errors import CheckpointError, ConfigError, DataError, PyroVAEError, TrainingError
-from .estimators import ESTIMATORS, Estimator
-from .evaluate import (
-                       ElboTerms,
-                       LogLikelihood,
-                       active_units,
-                       anomaly_scores,
-                       elbo_per_image,
-                       elbo_terms,
-                       importance_log_likelihood,
-                       log_likelihood,
+from .inference.accelerators import PathChoice
+from .inference.estimators import Estimator
+from .inference.program import inspect_program, log_weights, trace_program
+from .lab import measure_gradient_variance, variance_experiment
+from .metrics import (
+    ElboTerms,
+    LogLikelihood,
+    active_units,
+    anomaly_scores,
+    elbo_per_image,
+    elbo_terms,
+    importance_log_likelihood,
+    log_likelihood,
 )
-from .model import VAE
-from .networks import LIKELIHOODS, Decoder, Encoder, Likelihood
-from .priors import (
-                       PRIORS,
-                       FlowPrior,
-                       LearnedGaussianPrior,
-                       MixturePrior,
-                       Prior,
-                       StandardNormalPrior,
-                       StudentTPrior,
-                       VampPrior,
-                       build_prior,
+from .models import (
+    VAE,
+    Decoder,
+    DiagonalLaplace,
+    DiagonalNormal,
+    Encoder,
+    FlowPrior,
+    GuideFamily,
+    LearnedGaussianPrior,
+    Likelihood,
+    MixturePrior,
+    Prior,
+    StandardNormalPrior,
+    StudentTPrior,
+    VampPrior,
+    build_prior,
 )
-from .train import TrainResult, fit, load_run, train
-from .variance import measure_gradient_variance, variance_experiment
+from .registry import (
+    DATASETS,
+    ENCODERS,
+    ESTIMATORS,
+    LIKELIHOODS,
+    PRIORS,
+    load_plugin,
+    loaded_plugins,
+)
+from .training import TrainResult, fit, load_run
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
-    "Config", "DataConfig", "ModelConfig", "TrainConfig",
+    "Config", "DataConfig", "ModelConfig", "TrainConfig", "RunConfig",
     "DATASETS", "Dataset", "Split", "load_dataset", "read_idx",
     "PyroVAEError", "ConfigError", "DataError", "CheckpointError", "TrainingError",
     "ESTIMATORS", "Estimator", "elbo_per_image",
     "ElboTerms", "LogLikelihood", "active_units", "anomaly_scores", "elbo_terms",
     "importance_log_likelihood", "log_likelihood",
     "VAE", "LIKELIHOODS", "Likelihood", "Encoder", "Decoder", "PRIORS", "Prior",
+    "ENCODERS", "GuideFamily", "DiagonalNormal", "DiagonalLaplace",
     "StandardNormalPrior", "LearnedGaussianPrior", "MixturePrior", "VampPrior", "FlowPrior",
     "StudentTPrior", "build_prior",
     "TrainResult", "fit", "train", "load_run",
     "measure_gradient_variance", "variance_experiment",
+    "PathChoice", "trace_program", "log_weights", "inspect_program",
+    "load_plugin", "loaded_plugins",
 ]

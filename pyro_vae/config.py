@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import registry
 from .errors import ConfigError
 
 if sys.version_info >= (3, 11):
@@ -25,7 +26,8 @@ else:  # pragma: no cover
 
 
 def option(default: Any, help: str, *, choices: Callable[[], list[str]] | list[str] | None = None,
-           check: Callable[[Any], bool] | None = None, need: str = "", cli: bool = True) -> Any:
+           check: Callable[[Any], bool] | None = None, need: str = "", cli: bool = True,
+           item: type = int) -> Any:
     """A dataclass field with the metadata the CLI and the validator read.
 
     Args:
@@ -34,9 +36,11 @@ def option(default: Any, help: str, *, choices: Callable[[], list[str]] | list[s
         choices: the valid values, or a function returning them (for registries filled later).
         check: predicate a valid value satisfies; ``need`` says in words what it requires.
         cli: whether to expose the field as a command-line flag.
+        item: the element type of a list field.
     """
     factory = (lambda: default) if isinstance(default, (list, dict)) else None
-    meta = {"help": help, "choices": choices, "check": check, "need": need, "cli": cli}
+    meta = {"help": help, "choices": choices, "check": check, "need": need, "cli": cli,
+            "item": item}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -55,23 +59,23 @@ def _fraction(v: float) -> bool:
 
 
 def _dataset_names() -> list[str]:
-    from .data import DATASETS
-    return sorted(DATASETS)
+    return sorted(registry.DATASETS)
 
 
 def _prior_names() -> list[str]:
-    from .priors import PRIORS
-    return sorted(PRIORS)
+    return sorted(registry.PRIORS)
+
+
+def _encoder_names() -> list[str]:
+    return sorted(registry.ENCODERS)
 
 
 def _estimator_names() -> list[str]:
-    from .estimators import ESTIMATORS
-    return sorted(ESTIMATORS)
+    return sorted(registry.ESTIMATORS)
 
 
 def _likelihood_names() -> list[str]:
-    from .networks import LIKELIHOODS
-    return sorted(LIKELIHOODS)
+    return sorted(registry.LIKELIHOODS)
 
 
 @dataclass
@@ -106,6 +110,8 @@ class ModelConfig:
                                     need="a non-empty list of positive integers")
     activation: str = option("softplus", "hidden activation",
                              choices=["softplus", "relu", "elu", "tanh", "silu", "leaky-relu"])
+    encoder: str = option("diagonal-normal", "guide family q(z|x) the encoder network outputs",
+                          choices=_encoder_names)
     likelihood: str = option("bernoulli", "observation model p(x|z)", choices=_likelihood_names)
     gaussian_scale: float = option(0.1, "standard deviation of the gaussian likelihood "
                                         "(its initial value when learned)",
@@ -159,12 +165,28 @@ class TrainConfig:
 
 
 @dataclass
+class RunConfig:
+    """What a run was built from, recorded by the trainer (not flags): the plugin modules that
+    registered its parts and the class of each part, so that a run is never loaded into other
+    classes than it was trained with (:func:`pyro_vae.training.runs.check_parts`)."""
+
+    plugins: list[str] = option([], "plugin modules the run's parts come from", cli=False,
+                                item=str)
+    encoder_class: str = option("", "class of the encoder (module.qualname)", cli=False)
+    decoder_class: str = option("", "class of the decoder", cli=False)
+    prior_class: str = option("", "class of the prior", cli=False)
+    guide_family_class: str = option("", "class of the encoder's guide family, if any",
+                                     cli=False)
+
+
+@dataclass
 class Config:
     """A complete run configuration."""
 
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=RunConfig)
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
@@ -224,7 +246,7 @@ class Config:
         Raises:
             ConfigError: naming the first bad value.
         """
-        for section_name in ("data", "model", "train"):
+        for section_name in ("data", "model", "train", "run"):
             section = getattr(self, section_name)
             for f in dataclasses.fields(section):
                 value = getattr(section, f.name)
@@ -243,13 +265,10 @@ class Config:
         return self
 
     def _validate_combinations(self) -> None:
-        from .estimators import ESTIMATORS
-        from .networks import LIKELIHOODS
-        from .priors import PRIORS
-
-        ESTIMATORS[self.train.estimator].check_config(self)
-        LIKELIHOODS[self.model.likelihood].check_config(self)
-        PRIORS[self.model.prior].check_config(self)
+        registry.ESTIMATORS[self.train.estimator].check_config(self)
+        registry.LIKELIHOODS[self.model.likelihood].check_config(self)
+        registry.PRIORS[self.model.prior].check_config(self)
+        registry.ENCODERS[self.model.encoder].check_config(self)
         if self.train.device == "cuda":
             import torch
             if not torch.cuda.is_available():
@@ -272,15 +291,16 @@ def _coerce(name: str, value: Any, f: dataclasses.Field) -> Any:
             if not math.isfinite(value):
                 raise ConfigError(f"{name} must be a finite number, got {value!r}")
     elif want is list:
-        ok = isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool)
+        item = f.metadata.get("item", int)
+        ok = isinstance(value, list) and all(isinstance(v, item) and not isinstance(v, bool)
                                              for v in value)
         if ok:
             value = list(value)
     else:
         ok = isinstance(value, want)
     if not ok:
-        raise ConfigError(f"{name} must be of type {want.__name__}"
-                          f"{' of integers' if want is list else ''}, got {value!r}")
+        items = f" of {f.metadata.get('item', int).__name__}" if want is list else ""
+        raise ConfigError(f"{name} must be of type {want.__name__}{items}, got {value!r}")
     return value
 
 

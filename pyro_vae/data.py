@@ -19,6 +19,7 @@ import torch
 
 from .config import DataConfig
 from .errors import DataError
+from .registry import DATASETS
 
 #: Where Debian's ``dataset-fashion-mnist`` package installs the IDX files.
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -189,13 +190,14 @@ def _torchvision_loader(name: str, cls_name: str) -> Callable[[DataConfig], Arra
     return load
 
 
-#: Dataset name -> loader. Add a dataset with one entry.
-DATASETS: dict[str, Callable[[DataConfig], Arrays]] = {
+#: Dataset name -> loader (the registry lives in :mod:`pyro_vae.registry`). Add a dataset with
+#: one entry.
+DATASETS.update({
     "mnist-5k": _load_embedded_mnist,
     "mnist": _torchvision_loader("mnist", "MNIST"),
     "fashion-mnist": _torchvision_loader("fashion-mnist", "FashionMNIST"),
     "kmnist": _torchvision_loader("kmnist", "KMNIST"),
-}
+})
 
 
 def _to_split(images: np.ndarray, labels: np.ndarray, name: str) -> Split:

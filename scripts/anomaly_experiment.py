@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 
 from pyro_vae import Config, Dataset, Split, load_dataset
+from pyro_vae.app.plots import plot_score_histogram
 from pyro_vae.errors import CheckpointError, ConfigError
-from pyro_vae.evaluate import anomaly_scores, auroc
-from pyro_vae.plots import plot_score_histogram
-from pyro_vae.train import fit
+from pyro_vae.metrics import anomaly_scores, auroc
+from pyro_vae.training.trainer import fit
 
 
 def keep_classes(split: Split, classes: list[int]) -> Split:

@@ -7,7 +7,7 @@ Usage (a run trained on fashion-mnist, whose test split has 10,000 images):
         --num-samples 5000 --limit 2000 --loop-images 5 --threads 1
 
 Prints, for K importance samples per image over ``--target-images`` images (10,000): the time
-of ``pyro_vae.evaluate.importance_log_likelihood`` (compiling included; measured on
+of ``pyro_vae.metrics.importance_log_likelihood`` (compiling included; measured on
 ``--limit`` images and scaled when that is fewer), its CPU time per sample, the time of a
 straightforward per-image chunked loop (measured on ``--loop-images`` images and scaled), the
 achieved decoder-matmul rate as a fraction of a float32 GEMM peak measured in the same run,
@@ -25,9 +25,10 @@ import time
 
 import torch
 
-from pyro_vae.evaluate import FAST_CHUNK, importance_log_likelihood, run_split
+from pyro_vae.app.commands import run_split
+from pyro_vae.metrics.loglik import FAST_CHUNK, importance_log_likelihood
 from pyro_vae.runtime import reuse_freed_memory
-from pyro_vae.train import load_run
+from pyro_vae.training.runs import load_run
 
 #: float32 matmul peak of the 2-core development CPU in GFLOP/s (AVX-512, 2 FMA units).
 NOMINAL_FP32_PEAK = 330.0

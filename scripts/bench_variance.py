@@ -21,8 +21,9 @@ import time
 import torch
 
 from pyro_vae import VAE, Config, load_dataset
+from pyro_vae.lab.experiment import fixed_minibatch, variance_experiment
+from pyro_vae.lab.variance import gradient_draws
 from pyro_vae.runtime import reuse_freed_memory
-from pyro_vae.variance import fixed_minibatch, gradient_draws, variance_experiment
 
 ESTIMATORS = ("reparam", "score", "score-avg-baseline")
 

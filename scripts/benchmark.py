@@ -130,8 +130,8 @@ def tutorial_trainer(num_data: int, device: torch.device):
 # -- pyro_vae ---------------------------------------------------------------------------------
 def pyro_vae_trainer(dataset, batch: int, precision: str, fast_path: bool, device: str):
     from pyro_vae import Config
-    from pyro_vae.evaluate import elbo_per_image
-    from pyro_vae.train import Trainer
+    from pyro_vae.metrics import elbo_per_image
+    from pyro_vae.training.trainer import Trainer
 
     cfg = Config()
     cfg.data.dataset = "fashion-mnist"

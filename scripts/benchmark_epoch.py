@@ -29,8 +29,8 @@ from benchmark import PlainVAE  # noqa: E402  (the shared plain PyTorch referenc
 from pyro_vae import Config, load_dataset  # noqa: E402
 from pyro_vae.config import DataConfig  # noqa: E402
 from pyro_vae.data import binarize_batch, prepare_observations  # noqa: E402
-from pyro_vae.evaluate import elbo_per_image  # noqa: E402
-from pyro_vae.train import Trainer, epoch_order  # noqa: E402
+from pyro_vae.metrics import elbo_per_image  # noqa: E402
+from pyro_vae.training.trainer import Trainer, epoch_order  # noqa: E402
 
 
 class PlainAsPyroVAE(torch.nn.Module):
@@ -38,7 +38,7 @@ class PlainAsPyroVAE(torch.nn.Module):
 
     def __init__(self, plain: PlainVAE):
         super().__init__()
-        from pyro_vae.networks import positive_scale
+        from pyro_vae.models.layers import positive_scale
 
         self.plain = plain
         self._scale = positive_scale

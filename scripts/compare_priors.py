@@ -32,11 +32,11 @@ from pathlib import Path
 import torch
 
 from pyro_vae import PRIORS, Config, Dataset, load_dataset
-from pyro_vae import evaluate as pv_evaluate
+from pyro_vae import metrics as pv_evaluate
+from pyro_vae.app.plots import save_image_grid
 from pyro_vae.config import DataConfig
 from pyro_vae.errors import PyroVAEError
-from pyro_vae.plots import save_image_grid
-from pyro_vae.train import fit
+from pyro_vae.training.trainer import fit
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -74,7 +74,7 @@ def run_prior(prior: str, args: argparse.Namespace, dataset: Dataset,
         elbo = pv_evaluate.elbo_per_image(vae, test, batch_size=100,
                                           num_particles=args.num_particles)
         ll = pv_evaluate.log_likelihood(vae, test, args.num_samples, 8)
-        ll_source = "pyro_vae.evaluate.log_likelihood"
+        ll_source = "pyro_vae.metrics.log_likelihood"
         units = int(pv_evaluate.active_units(vae, test))
         samples = vae.sample(64, mean=True)
     path = figures / f"prior_samples_{prior}.png"

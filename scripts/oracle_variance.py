@@ -16,9 +16,9 @@ import argparse
 
 import torch
 
-from pyro_vae import VAE, Config, load_dataset
-from pyro_vae.mlp_gradients import MLPGradients
-from pyro_vae.variance import fixed_minibatch, train_with_snapshots
+from pyro_vae import ESTIMATORS, VAE, Config, load_dataset
+from pyro_vae.inference.accelerators.mlp_gradients import MLPGradients
+from pyro_vae.lab.experiment import fixed_minibatch, train_with_snapshots
 
 
 def trace_of_covariance(grads: dict[str, torch.Tensor]) -> float:
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         eps = torch.randn(args.draws, 1, x.shape[0], cfg.model.latent_dim)
         out = {}
         for name in ("reparam", "analytic-kl"):
-            f = MLPGradients(vae, name, x)
+            f = MLPGradients(vae, ESTIMATORS[name], x)
             plus, minus = f(eps), f(-eps)
             out[name] = (trace_of_covariance(plus),
                          trace_of_covariance({k: (plus[k] + minus[k]) / 2 for k in plus}))

@@ -15,9 +15,9 @@ import sys
 from pathlib import Path
 
 from pyro_vae import Config, load_dataset
-from pyro_vae.plots import write_variance_figures
+from pyro_vae.app.plots import write_variance_figures
+from pyro_vae.lab.experiment import variance_experiment, variance_rows
 from pyro_vae.runtime import reuse_freed_memory
-from pyro_vae.variance import variance_experiment, variance_rows
 
 
 def results_table(experiment: dict) -> str:

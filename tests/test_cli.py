@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from pyro_vae.cli import main
+from pyro_vae.app.cli import main
 
 TINY = ["--hidden-dims", "32", "--latent-dim", "4", "--train-limit", "256", "--batch-size", "64",
         "--no-progress"]

@@ -1,7 +1,7 @@
 import pytest
 
 from pyro_vae import Config, ConfigError
-from pyro_vae.cli import build_parser, config_from_args
+from pyro_vae.app.cli import build_parser, config_from_args
 
 
 def test_toml_round_trip(tmp_path):

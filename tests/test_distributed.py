@@ -13,7 +13,7 @@ import torch.distributed as dist
 from conftest import tiny_config
 
 from pyro_vae import Config, fit, load_run
-from pyro_vae.distributed import Workers
+from pyro_vae.training.distributed import Workers
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available")
@@ -87,15 +87,16 @@ def test_an_estimator_without_differentiable_loss_is_refused_under_ddp(monkeypat
     from dataclasses import replace
 
     from pyro_vae import ConfigError
-    from pyro_vae.estimators import ESTIMATORS
-    from pyro_vae.train import Trainer
+    from pyro_vae.inference.estimators import ESTIMATORS
+    from pyro_vae.training.trainer import Trainer
 
     class NoDifferentiableLoss:
         pass
 
     monkeypatch.setitem(ESTIMATORS, "graph-like", replace(
         ESTIMATORS["reparam"], name="graph-like", make_elbo=lambda cfg: NoDifferentiableLoss()))
-    monkeypatch.setattr("pyro_vae.distributed.current", lambda: Workers(rank=0, world_size=2))
+    monkeypatch.setattr("pyro_vae.training.trainer.distributed.current",
+                        lambda: Workers(rank=0, world_size=2))
     from conftest import small_dataset
 
     with pytest.raises(ConfigError, match="graph-like"):

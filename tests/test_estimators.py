@@ -14,8 +14,8 @@ from torch import nn
 from pyro_vae import ESTIMATORS, PRIORS, VAE, fit
 from pyro_vae.config import ModelConfig
 from pyro_vae.errors import ConfigError
-from pyro_vae.priors import StandardNormalPrior
-from pyro_vae.variance import gradient_draws
+from pyro_vae.lab.variance import gradient_draws
+from pyro_vae.models.priors import StandardNormalPrior
 
 
 def _particles(name: str) -> int:

@@ -9,7 +9,8 @@ from conftest import tiny_config
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 
 from pyro_vae import VAE
-from pyro_vae.networks import MIN_SCALE, Encoder
+from pyro_vae.models.layers import MIN_SCALE
+from pyro_vae.models.networks import Encoder
 
 
 def make_vae(**model):

@@ -16,10 +16,10 @@ from conftest import tiny_config
 from pyro.infer import Trace_ELBO
 
 from pyro_vae import PRIORS, VAE, Config, ConfigError, Dataset, Split, load_run, train
-from pyro_vae.cli import main as cli_main
+from pyro_vae.app.cli import main as cli_main
 from pyro_vae.data import binarize_fixed
-from pyro_vae.evaluate import elbo_per_image
-from pyro_vae.priors import FlowPrior, VampPrior, build_prior
+from pyro_vae.metrics import elbo_per_image
+from pyro_vae.models.priors import FlowPrior, VampPrior, build_prior
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "priors.md"
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"

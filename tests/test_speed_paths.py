@@ -8,14 +8,20 @@ import torch
 from conftest import small_dataset, tiny_config
 
 from pyro_vae import VAE, ConfigError, fit
-from pyro_vae.estimators import ESTIMATORS
-from pyro_vae.fast import (
-    FAST_ESTIMATORS,
-    FastELBO,
-    keep_float32_outputs,
-    make_fast_elbo,
-    precision_context,
-)
+from pyro_vae.inference.accelerators import FastELBO, choose_training_loss
+from pyro_vae.inference.accelerators.fast_elbo import SURROGATES
+from pyro_vae.inference.estimators import ESTIMATORS
+from pyro_vae.inference.precision import keep_float32_outputs, precision_context
+
+FAST_ESTIMATORS = [name for name, e in ESTIMATORS.items() if e.surrogate in SURROGATES]
+
+
+def make_fast_elbo(cfg, vae, num_data, x=None):
+    """The FastELBO the trainer would choose for this program, or None (generic path)."""
+    if x is None:
+        x = _binary_batch(16)
+    fast, _ = choose_training_loss(cfg, vae, ESTIMATORS[cfg.train.estimator], x, num_data)
+    return fast
 
 NUM_DATA = 1000
 
@@ -35,7 +41,7 @@ def _pyro_gradients(cfg, vae, x, seed):
 
 
 def _fast_gradients(cfg, vae, x, seed):
-    fast = make_fast_elbo(cfg, vae, NUM_DATA)
+    fast = make_fast_elbo(cfg, vae, NUM_DATA, x)
     assert fast is not None
 
     def run():
@@ -149,9 +155,13 @@ def test_fast_path_is_used_only_where_valid(monkeypatch):
     vae = VAE.from_config(cfg, (1, 28, 28))
     assert isinstance(make_fast_elbo(cfg, vae, 100), FastELBO)
     assert make_fast_elbo(tiny_config(fast_path=False), vae, 100) is None
-    # An estimator the fast path does not know trains through Pyro.
+    # The choice reads the estimator's surrogate, not its name: a renamed copy of reparam is
+    # accelerated, a surrogate FastELBO does not reproduce trains through Pyro.
     from dataclasses import replace
     monkeypatch.setitem(ESTIMATORS, "other", replace(ESTIMATORS["reparam"], name="other"))
+    assert isinstance(make_fast_elbo(tiny_config(estimator="other"), vae, 100), FastELBO)
+    monkeypatch.setitem(ESTIMATORS, "other", replace(ESTIMATORS["reparam"], name="other",
+                                                     surrogate="made-up"))
     assert make_fast_elbo(tiny_config(estimator="other"), vae, 100) is None
 
 

@@ -8,8 +8,8 @@ import torch
 from conftest import tiny_config
 
 from pyro_vae import CheckpointError, ConfigError, Dataset, Split, fit, load_run, train
-from pyro_vae.evaluate import elbo_per_image
-from pyro_vae.model import VAE
+from pyro_vae.metrics import elbo_per_image
+from pyro_vae.models.vae import VAE
 
 
 def _without_time(metrics):
@@ -51,7 +51,7 @@ def test_interrupted_mid_epoch_checkpoint_resumes_exactly(tmp_path, monkeypatch)
     cfg.data.train_limit = 640
     straight = fit(cfg, tmp_path / "a")
 
-    train_mod = importlib.import_module("pyro_vae.train")  # the module, not the function
+    train_mod = importlib.import_module("pyro_vae.training.trainer")  # the module, not the function
     original_step = train_mod.Trainer.step
     calls = {"n": 0}
 
@@ -152,7 +152,7 @@ def test_encoder_learning_rate_follows_the_estimator(estimator):
     from conftest import small_dataset
 
     from pyro_vae import ESTIMATORS
-    from pyro_vae.train import Trainer
+    from pyro_vae.training.trainer import Trainer
 
     cfg = tiny_config(estimator=estimator)
     cfg.train.lr = 2e-3
@@ -169,7 +169,7 @@ def test_encoder_learning_rate_follows_the_estimator(estimator):
 def test_encoder_lr_scale_option_overrides_and_old_checkpoints_are_named():
     from conftest import small_dataset
 
-    from pyro_vae.train import Trainer
+    from pyro_vae.training.trainer import Trainer
 
     cfg = tiny_config(estimator="score")
     cfg.train.encoder_lr_scale = 1.0

@@ -1,6 +1,6 @@
 """Per-draw ELBO gradients of the MLP Bernoulli VAE, derived by hand. No I/O, no autograd.
 
-The variance lab (:mod:`pyro_vae.variance`) needs R = 1000 separate gradients per estimator
+The variance lab (:mod:`pyro_vae.lab.variance`) needs R = 1000 separate gradients per estimator
 and checkpoint, not their sum. Automatic differentiation under ``torch.func.vmap`` gives them,
 but spends most of its time on elementwise work and temporaries around the matrix products.
 For the model the default experiment uses -- MLP encoder and decoder, Bernoulli likelihood on
@@ -28,7 +28,8 @@ cotangents of the latent variables are (``eps`` standard normal, ``z = loc + sca
   signal ``A = log p(x, z) - log q(z|x) - baseline`` per image, dL/dloc = -w A eps / scale
   and dL/dscale = -w A (eps^2 - 1) / scale.
 
-These are the same surrogates as :data:`~pyro_vae.estimators.ESTIMATORS`' ``draw_loss``; the
+These are the same surrogates as :data:`~pyro_vae.registry.ESTIMATORS`' ``draw_loss``; the
+lab compares one probe draw with Pyro's ``loss_and_grads`` before it uses this kernel, and the
 tests compare the two draw for draw.
 """
 
@@ -37,12 +38,16 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from .networks import ACTIVATIONS, MIN_SCALE, BernoulliLikelihood, Decoder, Encoder
-from .priors import StandardNormalPrior
+from ...models.encoders import DiagonalNormal
+from ...models.layers import ACTIVATIONS, MIN_SCALE
+
+if TYPE_CHECKING:
+    from ..estimators import Estimator
 
 #: activation module type -> derivative as a function of (pre-activation a, output h).
 DERIVATIVES: dict[type[nn.Module], Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
@@ -55,8 +60,8 @@ DERIVATIVES: dict[type[nn.Module], Callable[[torch.Tensor, torch.Tensor], torch.
 }
 assert set(DERIVATIVES) == set(ACTIVATIONS.values())
 
-#: estimators with a hand-written gradient -> how the latent cotangents are formed.
-SUPPORTED = ("reparam", "stl", "analytic-kl", "score", "score-avg-baseline", "score-nn-baseline")
+#: Surrogate forms (:attr:`Estimator.surrogate`) whose latent cotangents are written out.
+SUPPORTED = ("pathwise", "path-derivative", "analytic-kl", "score-function")
 
 
 @dataclass
@@ -79,19 +84,55 @@ def _layers(prefix: str, seq: nn.Sequential) -> list[_Layer]:
     return out
 
 
-def unsupported_reason(vae: nn.Module, estimator: str) -> str | None:
-    """Why :class:`MLPGradients` cannot handle this VAE and estimator, or None if it can."""
-    if estimator not in SUPPORTED:
-        return f"estimator {estimator} has no hand-written gradient"
-    if type(vae.encoder) is not Encoder or type(vae.decoder) is not Decoder:
-        return "only the MLP encoder and decoder are written out"
-    if type(vae.decoder.likelihood) is not BernoulliLikelihood:
-        return "only the Bernoulli likelihood is written out"
-    if type(vae.prior) is not StandardNormalPrior:
-        return "only the standard-normal prior is written out"
-    for module in [*vae.encoder.body.modules(), *vae.decoder.net.modules()]:
+def _mlp_problem(seq: object, what: str) -> str | None:
+    if not isinstance(seq, nn.Sequential):
+        return f"the {what} is not a Sequential of Linear layers and activations"
+    for module in seq.modules():
         if not isinstance(module, (nn.Sequential, nn.Linear)) and type(module) not in DERIVATIVES:
-            return f"activation {type(module).__name__} has no derivative here"
+            return f"the {what} holds {type(module).__name__}, which has no derivative here"
+    return None
+
+
+def _resolve(estimator: Estimator | str) -> Estimator:
+    from ...registry import ESTIMATORS
+
+    return ESTIMATORS.get_or_raise(estimator) if isinstance(estimator, str) else estimator
+
+
+def unsupported_reason(vae: nn.Module, estimator: Estimator | str) -> str | None:
+    """Why :class:`MLPGradients` cannot reproduce this program's draws, or None if its
+    structure is the one written out: an encoder ``head(body(x))`` with MLP ``body`` and a
+    diagonal-Normal family, a decoder ``likelihood(net(z))`` with MLP ``net`` whose likelihood
+    is a Bernoulli on logits, the N(0, I) prior, and a supported surrogate. The lab still holds
+    the kernel to Pyro on a probe draw before using it."""
+    import pyro.distributions as dist
+
+    estimator = _resolve(estimator)
+    if estimator.surrogate not in SUPPORTED:
+        return f"estimator {estimator.name} has a {estimator.surrogate} surrogate"
+    enc, dec = vae.encoder, vae.decoder
+    if not isinstance(getattr(enc, "family", None), DiagonalNormal) \
+            or not isinstance(getattr(enc, "head", None), nn.Linear):
+        return "the encoder is not head(body(x)) with a diagonal-Normal family"
+    body = getattr(enc, "body", None)
+    if not (isinstance(body, nn.Sequential) and len(body) == 2
+            and type(body[1]) in DERIVATIVES):
+        return "the encoder's body is not an MLP followed by an activation"
+    problem = _mlp_problem(body[0], "encoder's body") or _mlp_problem(
+        getattr(dec, "net", None), "decoder's net")
+    if problem is not None:
+        return problem
+    probe = torch.zeros(1, dec.net[-1].out_features, device=dec.net[-1].weight.device)
+    px = dec.likelihood(probe)
+    if not (isinstance(px, dist.Independent) and type(px.base_dist) is dist.Bernoulli):
+        return "the decoder's likelihood is not a Bernoulli on logits"
+    prior = vae.prior()
+    base = getattr(prior, "base_dist", None)
+    if not (isinstance(prior, dist.Independent) and type(base) is dist.Normal
+            and bool((base.loc == 0).all()) and bool((base.scale == 1).all())):
+        return "the prior is not N(0, I)"
+    if any(p.requires_grad for p in vae.prior.parameters()):
+        return "the prior has parameters, whose gradients are not written out"
     return None
 
 
@@ -100,7 +141,8 @@ class MLPGradients:
 
     Args:
         vae: a VAE for which :func:`unsupported_reason` is None.
-        estimator: registry name (see :data:`SUPPORTED`).
+        estimator: the registry entry or its name (its surrogate must be one of
+            :data:`SUPPORTED`).
         x: the fixed minibatch ``(batch, num_pixels)``.
         baseline: per-image baseline of the score-function estimators, in the per-image
             units of :func:`pyro_vae.variance.baseline_for`, or None.
@@ -111,18 +153,19 @@ class MLPGradients:
             by 0.1-0.4% (relative L2 norm, same noise).
     """
 
-    def __init__(self, vae: nn.Module, estimator: str, x: torch.Tensor,
+    def __init__(self, vae: nn.Module, estimator: Estimator | str, x: torch.Tensor,
                  baseline: torch.Tensor | None = None, dtype: torch.dtype = torch.float32):
+        estimator = _resolve(estimator)
         reason = unsupported_reason(vae, estimator)
         if reason is not None:
             raise ValueError(reason)
         with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
             self._setup(vae, estimator, x, baseline, dtype)
 
-    def _setup(self, vae: nn.Module, estimator: str, x: torch.Tensor,
+    def _setup(self, vae: nn.Module, estimator: Estimator, x: torch.Tensor,
                baseline: torch.Tensor | None, dtype: torch.dtype) -> None:
-        self.estimator = estimator
-        self.score = estimator.startswith("score")
+        self.surrogate = estimator.surrogate
+        self.score = estimator.surrogate == "score-function"
         self.baseline = baseline if self.score else None
         self.dtype = dtype
         self.x = x
@@ -239,15 +282,15 @@ class MLPGradients:
         g_z = g.float().view(n, particles, batch, latent)  # dL/dz through the decoder
 
         # cotangents at loc and scale, summed over particles
-        if self.estimator == "reparam":
+        if self.surrogate == "pathwise":
             g_z = g_z + w * z
             g_loc = g_z.sum(1)
             g_scale = (g_z * eps).sum(1) - particles * w / scale
-        elif self.estimator == "stl":
+        elif self.surrogate == "path-derivative":
             g_z = g_z + w * z - w * eps / scale
             g_loc = g_z.sum(1)
             g_scale = (g_z * eps).sum(1)
-        elif self.estimator == "analytic-kl":
+        elif self.surrogate == "analytic-kl":
             g_loc = g_z.sum(1) + particles * w * loc
             g_scale = (g_z * eps).sum(1) + particles * w * (scale - 1 / scale)
         else:  # score function

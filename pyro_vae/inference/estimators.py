@@ -2,7 +2,7 @@
 
 An :class:`Estimator` says how the guide samples the latent site ``z`` (the distribution it
 hands to ``pyro.sample`` and the site's ``infer`` options), which Pyro ELBO turns the traces
-into a surrogate loss, and (for the vectorized variance lab, :mod:`pyro_vae.variance`) the same
+into a surrogate loss, and (for the vectorized variance lab, :mod:`pyro_vae.lab.variance`) the same
 surrogate written as a plain function of one draw of noise. Pyro decides per site between a
 pathwise and a score-function gradient from the distribution's ``has_rsample``; see
 docs/estimators.md for the derivations and how each entry maps onto Pyro.
@@ -10,6 +10,7 @@ docs/estimators.md for the derivations and how each entry maps onto Pyro.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,26 +23,28 @@ from pyro.distributions.score_parts import ScoreParts
 from pyro.infer import ELBO, Trace_ELBO, TraceGraph_ELBO, TraceMeanField_ELBO
 from torch import nn
 
-from .errors import ConfigError
+from ..errors import ConfigError
+from ..registry import ESTIMATORS, PRIORS
 
 if TYPE_CHECKING:
-    from .config import Config
+    from ..config import Config
 
 
 # -- how the guide samples z ----------------------------------------------------------------------
-class ScoreFunctionIndependent(dist.Independent):
-    """q(z|x) that Pyro must treat as non-reparameterizable: a score-function site.
+class ScoreFunction:
+    """Mixin: q(z|x) that Pyro must treat as non-reparameterizable, a score-function site.
 
-    ``has_rsample`` is overridden on the class, not set on the instance: Pyro's plate expands the
-    distribution, and ``expand`` keeps the class (an instance-level ``has_rsample_(False)`` on an
+    ``has_rsample`` is overridden on a class, not set on the instance: Pyro's plate expands the
+    distribution and ``expand`` keeps the class (an instance-level ``has_rsample_(False)`` on an
     ``Independent`` raises AttributeError inside a plate; see docs/estimators.md).
+    :func:`score_function` makes such a class for any distribution the encoder returns.
     """
 
     has_rsample = False
 
 
-class StickingTheLanding(dist.Independent):
-    """q(z|x) with the "sticking the landing" path derivative (Roeder, Wu & Duvenaud 2017).
+class StickingTheLanding:
+    """Mixin: q(z|x) with the "sticking the landing" path derivative (Roeder, Wu & Duvenaud 2017).
 
     z is reparametrized, but the surrogate's ``log q(z)`` is evaluated with the variational
     parameters detached, so only the path through z carries gradient; the score term
@@ -51,30 +54,54 @@ class StickingTheLanding(dist.Independent):
 
     def score_parts(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> ScoreParts:
         log_prob = self.log_prob(x)
-        base = self.base_dist
-        stopped = type(base)(**{k: getattr(base, k).detach() for k in base.arg_constraints},
-                             validate_args=False)
-        entropy_term = dist.Independent(stopped, self.reinterpreted_batch_ndims).log_prob(x)
+        entropy_term = detached(self).log_prob(x)
         return ScoreParts(log_prob=log_prob, score_function=0, entropy_term=entropy_term)
+
+
+_VARIANTS: dict[tuple[type, type], type] = {}
+
+
+def _variant(q: dist.Distribution, mixin: type) -> dist.Distribution:
+    """A shallow copy of ``q`` whose class is ``mixin`` + ``type(q)`` (made once per pair).
+
+    The subclass inherits ``__init__``, so torch's ``expand`` (which Pyro's plates call) keeps
+    it; the copy shares every parameter tensor with ``q``, so gradients reach the encoder.
+    """
+    cls = type(q)
+    if issubclass(cls, mixin):
+        return q
+    key = (mixin, cls)
+    if key not in _VARIANTS:
+        _VARIANTS[key] = type(f"{mixin.__name__}{cls.__name__}", (mixin, cls), {})
+    out = copy.copy(q)
+    out.__class__ = _VARIANTS[key]
+    return out
+
+
+def detached(d: dist.Distribution) -> dist.Distribution:
+    """A copy of ``d`` whose tensors (nested distributions included) are detached from the graph:
+    the same density, no gradient to its parameters."""
+    out = copy.copy(d)
+    for name, value in list(vars(out).items()):
+        if isinstance(value, torch.Tensor):
+            setattr(out, name, value.detach())
+        elif isinstance(value, torch.distributions.Distribution):
+            setattr(out, name, detached(value))
+    return out
+
+
+def score_function(q: dist.Distribution) -> dist.Distribution:
+    """``q`` as a score-function site (any distribution)."""
+    return _variant(q, ScoreFunction)
+
+
+def sticking_the_landing(q: dist.Distribution) -> dist.Distribution:
+    """``q`` with the path-derivative surrogate (any reparametrizable distribution)."""
+    return _variant(q, StickingTheLanding)
 
 
 def _identity(q: dist.Distribution) -> dist.Distribution:
     return q
-
-
-def _as_independent(q: dist.Distribution, cls: type[dist.Independent]) -> dist.Independent:
-    if not isinstance(q, dist.Independent):
-        raise ConfigError(f"the encoder must return an Independent distribution (Normal(loc, "
-                          f"scale).to_event(1)), got {type(q).__name__}")
-    return cls(q.base_dist, q.reinterpreted_batch_ndims)
-
-
-def _score_posterior(q: dist.Distribution) -> dist.Distribution:
-    return _as_independent(q, ScoreFunctionIndependent)
-
-
-def _stl_posterior(q: dist.Distribution) -> dist.Distribution:
-    return _as_independent(q, StickingTheLanding)
 
 
 def _no_infer(modules: nn.ModuleDict, x: torch.Tensor, scale: float) -> dict[str, Any]:
@@ -203,7 +230,7 @@ def _iwae_elbo(cfg: Config) -> ELBO:
 class Draw:
     """Everything one gradient draw of the per-image surrogate needs, as plain tensors.
 
-    The variance lab (:mod:`pyro_vae.variance`) builds this from a functional call of the VAE so
+    The variance lab (:mod:`pyro_vae.lab.variance`) builds this from a functional call of the VAE so
     that ``torch.func.grad`` of :attr:`Estimator.draw_loss` gives one draw's gradient and
     ``torch.func.vmap`` gives R of them at once.
 
@@ -286,6 +313,10 @@ class Estimator:
             :class:`Draw`; its gradient must equal Pyro's surrogate gradient divided by the
             batch size (checked in tests/test_variance.py). None: the variance lab falls back
             to a loop over Pyro's own ``loss_and_grads``.
+        surrogate: the form of the surrogate for the latent site, which kernels that reproduce
+            it (:mod:`pyro_vae.inference.accelerators`) read instead of the name:
+            ``pathwise``, ``path-derivative`` (log q with detached parameters),
+            ``analytic-kl``, ``score-function`` or ``importance-weighted``.
         baseline: ``"avg"`` or ``"nn"`` when the score-function term uses a baseline.
         needs_closed_form_kl: the ELBO integrates KL(q || p) analytically, so the prior must
             be a diagonal Normal.
@@ -305,6 +336,7 @@ class Estimator:
     site_infer: Callable[[nn.ModuleDict, torch.Tensor, float], dict[str, Any]] = _no_infer
     make_modules: Callable[[Config, int], dict[str, nn.Module]] = field(default=_no_modules)
     draw_loss: Callable[[Draw], torch.Tensor] | None = None
+    surrogate: str = "pathwise"
     baseline: str | None = None
     needs_closed_form_kl: bool = False
     min_particles: int = 1
@@ -313,13 +345,11 @@ class Estimator:
     @property
     def score_function(self) -> bool:
         """Whether the encoder's gradient uses the score function (REINFORCE)."""
-        return self.posterior is _score_posterior
+        return self.surrogate == "score-function"
 
     def check_config(self, cfg: Config) -> None:
         """Raise ConfigError if this estimator cannot be used with ``cfg``."""
         if self.needs_closed_form_kl:
-            from .priors import PRIORS
-
             if not PRIORS[cfg.model.prior].closed_form_kl:
                 raise ConfigError(f"estimator {self.name} needs a closed-form KL, which prior "
                                   f"{cfg.model.prior} does not have; use --estimator reparam")
@@ -329,31 +359,37 @@ class Estimator:
                               f"particle the importance-weighted bound is the plain ELBO)")
 
 
-#: Estimator name -> Estimator. Adding an estimator is one entry.
-ESTIMATORS: dict[str, Estimator] = {
+#: Estimator name -> Estimator (the registry lives in :mod:`pyro_vae.registry`). Adding an
+#: estimator is one entry.
+ESTIMATORS.update({
     "reparam": Estimator(
         "reparam", "pathwise (reparametrized) gradients through Trace_ELBO", _trace_elbo,
         draw_loss=_draw_pathwise),
     "analytic-kl": Estimator(
         "analytic-kl", "reparametrized likelihood term, closed-form KL (TraceMeanField_ELBO)",
-        _mean_field_elbo, draw_loss=_draw_analytic_kl, needs_closed_form_kl=True),
+        _mean_field_elbo, draw_loss=_draw_analytic_kl, surrogate="analytic-kl",
+        needs_closed_form_kl=True),
     "stl": Estimator(
         "stl", "sticking the landing: pathwise, score term of log q dropped (Roeder et al. "
-               "2017)", _trace_elbo, posterior=_stl_posterior, draw_loss=_draw_stl),
+               "2017)", _trace_elbo, posterior=sticking_the_landing, draw_loss=_draw_stl,
+               surrogate="path-derivative"),
     "score": Estimator(
         "score", "score function (REINFORCE) for z, no baseline (Trace_ELBO); encoder lr x 0.1",
-        _trace_elbo, posterior=_score_posterior, draw_loss=_draw_score, encoder_lr_scale=0.1),
+        _trace_elbo, posterior=score_function, draw_loss=_draw_score, surrogate="score-function",
+        encoder_lr_scale=0.1),
     "score-avg-baseline": Estimator(
         "score-avg-baseline", "score function with a decaying-average baseline "
                               "(TraceGraph_ELBO)", _tracegraph_elbo,
-        posterior=_score_posterior, site_infer=_avg_baseline_infer, draw_loss=_draw_score,
+        posterior=score_function, site_infer=_avg_baseline_infer, draw_loss=_draw_score,
+        surrogate="score-function",
         baseline="avg"),
     "score-nn-baseline": Estimator(
         "score-nn-baseline", "score function with a neural, input-dependent baseline (NVIL; "
                              "TraceGraph_ELBO)", _tracegraph_elbo,
-        posterior=_score_posterior, site_infer=_nn_baseline_infer,
-        make_modules=_nn_baseline_modules, draw_loss=_draw_score, baseline="nn"),
+        posterior=score_function, site_infer=_nn_baseline_infer,
+        make_modules=_nn_baseline_modules, draw_loss=_draw_score, surrogate="score-function",
+        baseline="nn"),
     "iwae": Estimator(
         "iwae", "importance-weighted bound with K = --num-particles samples, reparametrized",
-        _iwae_elbo, draw_loss=_draw_iwae, min_particles=2),
-}
+        _iwae_elbo, draw_loss=_draw_iwae, surrogate="importance-weighted", min_particles=2),
+})

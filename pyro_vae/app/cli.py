@@ -11,8 +11,8 @@ import dataclasses
 import sys
 from collections.abc import Callable
 
-from .config import Config, config_fields
-from .errors import PyroVAEError
+from ..config import Config, config_fields
+from ..errors import PyroVAEError
 
 EXIT_USAGE = 2
 
@@ -120,7 +120,7 @@ def _add_evaluate(p: argparse.ArgumentParser) -> None:
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
-    from .evaluate import evaluate_run, format_evaluation
+    from .commands import evaluate_run, format_evaluation
 
     result = evaluate_run(args.run_dir, args.split, args.num_samples, args.limit,
                           args.batch_size, args.chunk_size, args.num_particles, args.seed,
@@ -144,7 +144,7 @@ def _add_sample(p: argparse.ArgumentParser) -> None:
 
 
 def _run_sample(args: argparse.Namespace) -> int:
-    from .evaluate import sample_run
+    from .commands import sample_run
 
     paths = sample_run(args.run_dir, args.out, args.seed, args.num_images, args.num_pairs,
                        args.steps, overwrite=args.overwrite, device=args.device,
@@ -173,8 +173,8 @@ def _add_score(p: argparse.ArgumentParser) -> None:
 
 
 def _run_score(args: argparse.Namespace) -> int:
-    from .errors import ConfigError
-    from .evaluate import score_run
+    from ..errors import ConfigError
+    from .commands import score_run
 
     if args.method == "elbo" and args.num_samples is not None:
         raise ConfigError("--num-samples is the importance samples of --method nll; for "
@@ -226,10 +226,10 @@ def _run_variance(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from .checkpoint import atomic_write_text
-    from .data import load_dataset
-    from .errors import CheckpointError, ConfigError
-    from .variance import variance_experiment, variance_rows
+    from ..data import load_dataset
+    from ..errors import CheckpointError, ConfigError
+    from ..lab.experiment import variance_experiment, variance_rows
+    from ..training.checkpoint import atomic_write_text
 
     out = Path(args.out)
     if (out / "variance.json").exists() and not args.overwrite:
@@ -245,7 +245,7 @@ def _run_variance(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     runs = []
     for run_dir in args.runs:
-        from .train import load_run
+        from ..training.runs import load_run
 
         run_cfg, vae, state = load_run(run_dir)
         runs.append((str(run_dir), state["position"]["global_step"], run_cfg, vae,
@@ -265,7 +265,7 @@ def _run_variance(args: argparse.Namespace) -> int:
         cfg = runs[0][2]
         for key in measuring & set(vars(args)):
             setattr(cfg.train, key.split(".")[1], getattr(args, key))
-    from .runtime import apply_threads
+    from ..runtime import apply_threads
 
     apply_threads(cfg.train.threads)
     dataset = load_dataset(cfg.data)
@@ -314,19 +314,73 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None],
 }
 
 
+def _add_global_options(parser: argparse.ArgumentParser, top: bool) -> None:
+    """Options every command takes, before or after the command name."""
+    default = None if top else argparse.SUPPRESS
+    parser.add_argument("--plugin", action="append", metavar="MODULE",
+                        default=[] if top else argparse.SUPPRESS,
+                        help="import MODULE first; it may register priors, encoders, "
+                        "likelihoods or estimators (repeatable; installed packages' "
+                        "pyro_vae.plugins entry points load on their own)")
+    parser.add_argument("--verbose", action="store_true", default=False if top else default,
+                        help="print which computation path (accelerator or generic Pyro) each "
+                        "computation takes, and why")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from .. import __version__
+
     parser = _Parser(prog="pyro-vae", description="Variational auto-encoders in Pyro.")
+    parser.add_argument("--version", action="version", version=f"pyro-vae {__version__}")
+    _add_global_options(parser, top=True)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for name, (help_text, add, _) in COMMANDS.items():
-        add(sub.add_parser(name, help=help_text, description=help_text))
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        _add_global_options(p, top=False)
+        add(p)
     return parser
 
 
+def _plugins_in(argv: list[str]) -> list[str]:
+    """The ``--plugin`` values of a command line, read before the parser is built: the
+    registries they fill decide the choices of ``--prior``, ``--encoder`` and the others."""
+    modules = []
+    for i, arg in enumerate(argv):
+        if arg == "--plugin" and i + 1 < len(argv):
+            modules.append(argv[i + 1])
+        elif arg.startswith("--plugin="):
+            modules.append(arg.split("=", 1)[1])
+    return modules
+
+
+def _show_paths() -> None:
+    import logging
+
+    from ..inference.accelerators import LOG
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("pyro-vae: path: %(message)s"))
+    LOG.addHandler(handler)
+    LOG.setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
+    from ..registry import load_entry_point_plugins, load_plugin
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        load_entry_point_plugins()
+        for module in _plugins_in(argv):
+            load_plugin(module)
+    except PyroVAEError as e:
+        print(f"pyro-vae: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
     args = build_parser().parse_args(argv)
-    from .runtime import reuse_freed_memory
+    from ..runtime import reuse_freed_memory
 
     reuse_freed_memory()
+    if args.verbose:
+        _show_paths()
     try:
         return COMMANDS[args.command][2](args)
     except PyroVAEError as e:

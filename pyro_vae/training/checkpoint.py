@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 
 
 def atomic_write_bytes(path: str | Path, write: Any) -> None:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:
-    from .train import TrainResult
+    from ..training.trainer import TrainResult
 
 
 def _pyplot():

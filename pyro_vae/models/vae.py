@@ -16,12 +16,13 @@ import pyro
 import torch
 from torch import nn
 
-from .estimators import ESTIMATORS, Estimator
+from ..registry import ESTIMATORS
 from .networks import build_networks
 from .priors import Prior, build_prior
 
 if TYPE_CHECKING:
-    from .config import Config
+    from ..config import Config
+    from ..inference.estimators import Estimator
 
 
 class VAE(nn.Module):

@@ -13,8 +13,8 @@ accumulated in float64; they are summarised per parameter group (encoder, decode
 
 Gradients are of the per-image negative ELBO (Pyro's surrogate divided by the batch size).
 
-Speed: each estimator's :attr:`~pyro_vae.estimators.Estimator.draw_loss` is its Pyro surrogate
-written as a function of one draw of noise; ``torch.func.vmap(torch.func.grad(...))`` over a
+Speed: each estimator's :attr:`~pyro_vae.inference.estimators.Estimator.draw_loss` is its Pyro
+surrogate written as a function of one draw of noise; ``torch.func.vmap(torch.func.grad(...))`` over a
 chunk of draws gives all their gradients at once, and the encoder's forward pass (the same for
 every draw, since x is fixed) is computed once per chunk instead of once per draw. The result
 equals a loop over Pyro's ``loss_and_grads`` draw for draw (tests/test_variance.py).
@@ -34,10 +34,13 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vjp, vmap
 
-from .errors import ConfigError
-from .estimators import AVG_BASELINE_PARAM, ESTIMATORS, Draw, Estimator
-from .mlp_gradients import MLPGradients, unsupported_reason
-from .model import VAE
+from ..errors import ConfigError
+from ..inference.accelerators import GENERIC, PathChoice, record
+from ..inference.accelerators.mlp_gradients import MLPGradients, unsupported_reason
+from ..inference.estimators import AVG_BASELINE_PARAM, Draw, Estimator
+from ..inference.program import log_weights, param_scope, trace_program
+from ..models.vae import VAE
+from ..registry import ESTIMATORS
 
 #: Matrix-product precision of the vectorized draws -> context manager.
 PRECISIONS: dict[str, Callable[[], Any]] = {
@@ -73,22 +76,27 @@ def parameter_groups(names: Sequence[str]) -> dict[str, list[str]]:
 # -- state that a measurement must leave untouched ------------------------------------------------
 @contextmanager
 def preserved_state(vae: VAE):
-    """Restore the VAE's parameters, grads, training mode, the param store and the RNG on exit."""
+    """Leave the VAE, Pyro's param store and the RNG as they were.
+
+    Parameter values are restored in place (the same tensor objects), gradients and the
+    training mode are put back, and the measurement runs in a fresh param-store scope
+    (:func:`~pyro_vae.inference.program.param_scope`): afterwards the store holds the same
+    objects under the same names as before, and nothing else. A user's ``pyro.infer.SVI``
+    with ``pyro.optim`` therefore keeps training the same tensors after a measurement.
+    """
     params = {k: v.detach().clone() for k, v in vae.state_dict().items()}
     grads = {k: None if p.grad is None else p.grad.clone() for k, p in vae.named_parameters()}
-    store = pyro.get_param_store().get_state()
-    store = {"params": {k: v.detach().clone() for k, v in store["params"].items()},
-             "constraints": dict(store["constraints"])}
-    rng = torch.get_rng_state()
+    devices = [d for d in {p.device for p in vae.parameters()} if d.type == "cuda"]
     training = vae.training
     try:
-        yield
+        with torch.random.fork_rng(devices=devices), param_scope(carry=(AVG_BASELINE_PARAM,)):
+            yield
     finally:
-        vae.load_state_dict(params)
+        with torch.no_grad():
+            for k, v in vae.state_dict().items():
+                v.copy_(params[k])
         for k, p in vae.named_parameters():
             p.grad = grads[k]
-        pyro.get_param_store().set_state(store)
-        torch.set_rng_state(rng)
         vae.train(training)
 
 
@@ -123,7 +131,9 @@ def baseline_for(estimator: Estimator, vae: VAE, x: torch.Tensor,
         store = pyro.get_param_store()
         if AVG_BASELINE_PARAM not in store:
             return _mean_learning_signal(vae, x).expand(x.shape[0]).clone()
-        value = store[AVG_BASELINE_PARAM].detach() / train_scale
+        # a plain tensor: Pyro keeps the average as a ProvenanceTensor, which compiled
+        # kernels downstream cannot take
+        value = store[AVG_BASELINE_PARAM].detach().as_subclass(torch.Tensor) / train_scale
         if value.shape != (x.shape[0],):
             value = value.mean().expand(x.shape[0])
         return value.clone()
@@ -137,10 +147,7 @@ def _mean_learning_signal(vae: VAE, x: torch.Tensor, num_draws: int = 20) -> tor
     Used for checkpoints of runs not trained with that baseline (the moving average then has
     never been updated; at stationarity it tracks this mean).
     """
-    q = vae.encoder(x)
-    z = q.sample((num_draws,))
-    signal = vae.decoder(z).log_prob(x) + vae.prior().log_prob(z) - q.log_prob(z)
-    return signal.mean()
+    return log_weights(trace_program(vae, x, num_draws), x.shape[0]).mean()
 
 
 # -- accumulation ---------------------------------------------------------------------------------
@@ -351,47 +358,156 @@ def _split_per_draw(vae: VAE, estimator: Estimator, x: torch.Tensor,
 
 def _pyro_draws(vae: VAE, estimator: Estimator, x: torch.Tensor, params: dict[str, Any],
                 num_draws: int, num_particles: int, baseline: torch.Tensor | None):
-    """Yield gradients of R draws from Pyro's own ELBO, one ``loss_and_grads`` per draw."""
-    from .config import Config
+    """Yield gradients of R draws from Pyro's own ELBO, one ``loss_and_grads`` per draw: the
+    definition every faster path is held to."""
+    from ..config import Config
 
     cfg = Config()
     cfg.train.num_particles = num_particles
     elbo = estimator.make_elbo(cfg)
     old_estimator = vae.estimator
     vae.estimator = estimator
-    store = pyro.get_param_store()
     try:
-        for _ in range(num_draws):
-            if estimator.baseline == "avg":
-                store[AVG_BASELINE_PARAM] = baseline.clone()
-            vae.zero_grad(set_to_none=True)
-            elbo.loss_and_grads(vae.model, vae.guide, x)
-            yield {k: (p.grad if p.grad is not None else torch.zeros_like(p)).detach()[None]
-                   / x.shape[0] for k, p in params.items()}
+        with param_scope():
+            store = pyro.get_param_store()
+            for _ in range(num_draws):
+                if estimator.baseline == "avg":
+                    store[AVG_BASELINE_PARAM] = baseline.clone()
+                vae.zero_grad(set_to_none=True)
+                elbo.loss_and_grads(vae.model, vae.guide, x)
+                yield {k: (p.grad if p.grad is not None else torch.zeros_like(p)).detach()[None]
+                       / x.shape[0] for k, p in params.items()}
     finally:
         vae.estimator = old_estimator
+        vae.zero_grad(set_to_none=True)
+
+
+#: Seed of the probe draw on which an accelerated path is compared with Pyro's.
+PROBE_SEED = 20261201
+#: Largest relative L2 difference between an accelerated probe draw and Pyro's (float32).
+PROBE_TOLERANCE = 1e-3
+
+
+def _normal_guide_problem(vae: VAE, x: torch.Tensor) -> str | None:
+    from ..inference.accelerators import diagonal_normal_problem, one_latent_problem
+    from ..inference.program import inspect_program
+
+    structure = inspect_program(vae, x[:2])
+    problem = one_latent_problem(structure)
+    if problem is None:
+        problem = diagonal_normal_problem(structure.guide_sites[0], exact=False)
+    return problem
+
+
+def _probe(draw: Any, vae: VAE, estimator: Estimator, x: torch.Tensor,
+           params: dict[str, torch.Tensor], num_particles: int,
+           baseline: torch.Tensor | None) -> str | None:
+    """Compare one draw of an accelerated path (``draw(eps)``) with Pyro's on the same noise:
+    why they differ, or None. The global RNG is left as it was."""
+    latent_dim = vae.prior().event_shape[0]
+    with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+        torch.manual_seed(PROBE_SEED)
+        want = next(iter(_pyro_draws(vae, estimator, x, params, 1, num_particles, baseline)))
+        torch.manual_seed(PROBE_SEED)  # the guide's rsample draws exactly this noise
+        eps = torch.randn(1, num_particles, x.shape[0], latent_dim, device=x.device)
+        with torch.autocast(x.device.type, enabled=False):
+            try:
+                got = draw(eps)
+            except Exception as e:  # noqa: BLE001 - a kernel that cannot run here is not used
+                got = f"the probe draw failed ({type(e).__name__}: {str(e)[:80]})"
+    if isinstance(got, str):
+        return got
+    missing = sorted(set(want) - set(got))
+    if missing:
+        return f"the kernel gives no gradient for {missing[0]}"
+    diff = sum(float((got[k].float() - want[k].float()).pow(2).sum()) for k in want)
+    norm = sum(float(want[k].float().pow(2).sum()) for k in want)
+    rel = math.sqrt(diff / max(norm, 1e-30))
+    if not rel <= PROBE_TOLERANCE:
+        return f"a probe draw differs from Pyro's loss_and_grads by {rel:.2g} (relative)"
+    return None
+
+
+def choose_draws(vae: VAE, estimator: Estimator, x: torch.Tensor, num_particles: int,
+                 baseline: torch.Tensor | None, method: str = "auto") -> PathChoice:
+    """Which path computes the estimator's gradient draws at this checkpoint, and why.
+
+    ``hand`` (:class:`~pyro_vae.inference.accelerators.MLPGradients`) where the program has the
+    structure it writes out, ``func`` (``torch.func.vmap`` of the estimator's ``draw_loss``)
+    where the guide is one diagonal-Normal site, else ``generic`` (Pyro per draw); each
+    accelerated path is held to Pyro's ``loss_and_grads`` on a probe draw first.
+    """
+    what = f"gradient draws ({estimator.name})"
+    params = measured_parameters(vae)
+    if method == "pyro":
+        return record(PathChoice(what, GENERIC, "asked for (method pyro)"))
+    reasons = []
+    if method in ("auto", "hand"):
+        reason = unsupported_reason(vae, estimator)
+        if reason is None:
+            hand = MLPGradients(vae, estimator, x, baseline, torch.float32)
+            reason = _probe(hand, vae, estimator, x, params, num_particles, baseline)
+        if reason is None:
+            return record(PathChoice(what, "hand", "MLP networks, diagonal-Normal guide, "
+                                     "Bernoulli likelihood, N(0, I) prior; a probe draw equals "
+                                     "Pyro's"))
+        if method == "hand":
+            raise ConfigError(f"method hand: {reason}")
+        reasons.append(f"hand: {reason}")
+    if method in ("auto", "func"):
+        reason = ("the estimator has no draw_loss" if estimator.draw_loss is None
+                  else _normal_guide_problem(vae, x))
+        if reason is None:
+            func = _func_draws(vae, estimator, x, baseline, params, shared_encoder=True)
+            with _no_validation():
+                reason = _probe(func, vae, estimator, x, params, num_particles, baseline)
+        if reason is None:
+            return record(PathChoice(what, "func", "one diagonal-Normal latent site; a probe "
+                                     "draw equals Pyro's" + (f" ({reasons[0]})" if reasons
+                                                             else "")))
+        if method == "func":
+            raise ConfigError(f"method func: {reason}")
+        reasons.append(f"func: {reason}")
+    return record(PathChoice(what, GENERIC, "; ".join(reasons)))
+
+
+def _func_draws(vae: VAE, estimator: Estimator, x: torch.Tensor, baseline: torch.Tensor | None,
+                params: dict[str, torch.Tensor], shared_encoder: bool):
+    detached = {k: p.detach() for k, p in params.items()}
+    with _no_validation():
+        if shared_encoder and not _prior_uses_encoder(vae):
+            return _split_per_draw(vae, estimator, x, baseline, detached)
+        full = vmap(grad(_functional_loss(vae, estimator, x, baseline)), in_dims=(None, 0),
+                    randomness="error")
+
+        def per_draw(eps: torch.Tensor) -> dict[str, torch.Tensor]:
+            return full(detached, eps)
+        return per_draw
 
 
 def gradient_draws(vae: VAE, estimator: Estimator | str, x: torch.Tensor, num_draws: int, *,
                    num_particles: int = 1, chunk_size: int = 25, train_scale: float = 1.0,
                    vectorized: bool = True, shared_encoder: bool = True,
-                   method: str = "auto", precision: str = "float32"):
+                   method: str = "auto", precision: str = "float32",
+                   paths: list[PathChoice] | None = None):
     """Yield dicts ``{param name: (n, *shape) gradients}`` of ``num_draws`` independent draws.
 
-    ``method`` picks how the draws are computed (all give the same gradients for the same
-    noise; tests/test_variance.py checks them against each other):
+    Every draw is defined by Pyro's ``loss_and_grads`` on ``vae.model`` and the estimator's
+    guide; ``method`` picks how it is computed (all give the same gradients for the same
+    noise, and an accelerated path is used only after a probe draw agrees with Pyro's):
 
-    * ``"hand"``: the backward pass written out for MLP networks, a Bernoulli likelihood and
-      the standard-normal prior (:mod:`pyro_vae.mlp_gradients`), several times faster;
-    * ``"func"``: ``torch.func.vmap`` over the estimator's ``draw_loss``;
-    * ``"pyro"`` (or ``vectorized=False``): one Pyro ``loss_and_grads`` per draw, the
-      reference;
-    * ``"auto"``: ``hand`` where it applies, else ``func``, else ``pyro``.
+    * ``"hand"``: the backward pass written out for MLP networks, a diagonal-Normal guide, a
+      Bernoulli likelihood and the N(0, I) prior
+      (:mod:`pyro_vae.inference.accelerators.mlp_gradients`), several times faster;
+    * ``"func"``: ``torch.func.vmap`` over the estimator's ``draw_loss`` (diagonal-Normal guide);
+    * ``"pyro"`` (or ``vectorized=False``): one Pyro ``loss_and_grads`` per draw;
+    * ``"auto"``: the first of these that applies (:func:`choose_draws`).
 
     Noise comes from the global torch RNG. ``shared_encoder=False`` makes ``func``
     differentiate the whole surrogate per draw (encoder included); it is also used when the
     prior depends on the encoder (VampPrior). ``precision`` (``float32`` or ``bf16``) is the
-    dtype of the hand-written matrix products; for ``func`` the caller sets autocast.
+    dtype of the hand-written matrix products; for ``func`` the caller sets autocast. The
+    path taken is appended to ``paths`` when given.
     """
     estimator = ESTIMATORS[estimator] if isinstance(estimator, str) else estimator
     num_particles = max(num_particles, estimator.min_particles)
@@ -400,28 +516,20 @@ def gradient_draws(vae: VAE, estimator: Estimator | str, x: torch.Tensor, num_dr
         baseline = baseline_for(estimator, vae, x, train_scale)
     if method not in ("auto", "hand", "func", "pyro"):
         raise ConfigError(f"unknown method {method!r}; choose from auto, hand, func, pyro")
-    if method == "pyro" or not vectorized or (method == "auto" and estimator.draw_loss is None):
+    choice = choose_draws(vae, estimator, x, num_particles, baseline,
+                          "pyro" if not vectorized else method)
+    if paths is not None:
+        paths.append(choice)
+    if choice.path == GENERIC:
         yield from _pyro_draws(vae, estimator, x, params, num_draws, num_particles, baseline)
         return
     latent_dim = vae.prior().event_shape[0]
-    reason = unsupported_reason(vae, estimator.name)
-    if method == "hand" and reason is not None:
-        raise ConfigError(f"method hand: {reason}")
-    if method in ("auto", "hand") and reason is None:
-        hand = MLPGradients(vae, estimator.name, x, baseline, DTYPES[precision])
+    if choice.path == "hand":
+        hand = MLPGradients(vae, estimator, x, baseline, DTYPES[precision])
         for n in _chunks(num_draws, chunk_size):
             yield hand(torch.randn(n, num_particles, x.shape[0], latent_dim, device=x.device))
         return
-    detached = {k: p.detach() for k, p in params.items()}
-    with _no_validation():
-        if shared_encoder and not _prior_uses_encoder(vae):
-            per_draw = _split_per_draw(vae, estimator, x, baseline, detached)
-        else:
-            full = vmap(grad(_functional_loss(vae, estimator, x, baseline)), in_dims=(None, 0),
-                        randomness="error")
-
-            def per_draw(eps: torch.Tensor) -> dict[str, torch.Tensor]:
-                return full(detached, eps)
+    per_draw = _func_draws(vae, estimator, x, baseline, params, shared_encoder)
     for n in _chunks(num_draws, chunk_size):
         eps = torch.randn(n, num_particles, x.shape[0], latent_dim, device=x.device)
         with _no_validation():
@@ -436,24 +544,33 @@ def _chunks(total: int, size: int):
 
 
 def oracle_gradient(vae: VAE, x: torch.Tensor, num_draws: int, chunk_size: int = 100,
-                    precision: str = "float32") -> dict[str, torch.Tensor]:
+                    precision: str = "float32", paths: list[PathChoice] | None = None
+                    ) -> dict[str, torch.Tensor]:
     """Mean reparametrized gradient over ``num_draws`` evaluations: the reference for cosines.
 
-    For the MLP VAE with the standard-normal prior (:mod:`pyro_vae.mlp_gradients`) each
+    Where the hand-written kernel reproduces the program (checked on a probe draw), each
     evaluation is the reparametrized gradient with the closed-form KL, and the noise comes in
     antithetic pairs (eps, -eps). Both keep the mean unbiased for the ELBO gradient and both
     lower its variance: on the default 784-400-50 VAE, 1,000 such evaluations have 1.9-16x
     less variance than 2,000 plain reparametrized draws (``scripts/oracle_variance.py``). It is
     the gradient of the ELBO, which every estimator but ``iwae`` estimates (``iwae`` estimates
-    the gradient of its K-sample bound). Otherwise the oracle is the mean of plain
-    reparametrized draws, each chunk one backward pass with the draws as particles. Nothing
-    per draw is kept.
+    the gradient of its K-sample bound). Otherwise the oracle is the mean gradient of Pyro's
+    ``Trace_ELBO`` with the draws as vectorized particles (the guide's own ``rsample``), each
+    chunk one backward pass. Nothing per draw is kept.
     """
     params = {k: p.detach() for k, p in measured_parameters(vae).items()}
     latent_dim = vae.prior().event_shape[0]
     total = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in params.items()}
-    if unsupported_reason(vae, "analytic-kl") is None:
-        hand = MLPGradients(vae, "analytic-kl", x, dtype=DTYPES[precision])
+    analytic = ESTIMATORS["analytic-kl"]
+    with torch.autocast(x.device.type, enabled=False):
+        try:
+            choice = choose_draws(vae, analytic, x, 1, None, "hand")
+        except ConfigError as e:
+            choice = PathChoice("oracle", GENERIC, str(e))
+    if choice.path == "hand":
+        choice = record(PathChoice("oracle", "hand", "closed-form KL, antithetic pairs; "
+                                   + choice.reason))
+        hand = MLPGradients(vae, analytic, x, dtype=DTYPES[precision])
         shape = (1, x.shape[0], latent_dim)
         # pairs, then (odd num_draws) one draw without a partner
         batches = [(n, True) for n in _chunks(num_draws // 2, max(chunk_size // 8, 1))]
@@ -463,13 +580,28 @@ def oracle_gradient(vae: VAE, x: torch.Tensor, num_draws: int, chunk_size: int =
             for k in total:
                 total[k] += g[k].double()
     else:
-        loss = _functional_loss(vae, ESTIMATORS["reparam"], x, None)
-        for n in _chunks(num_draws, chunk_size):
-            eps = torch.randn(n, x.shape[0], latent_dim, device=x.device)
-            with _no_validation():
-                g = grad(loss)(params, eps)
-            for k in total:
-                total[k] += g[k].double() * n
+        choice = record(PathChoice("oracle", GENERIC, f"Trace_ELBO with vectorized particles "
+                                   f"({choice.reason})"))
+        from pyro.infer import Trace_ELBO
+
+        reparam = ESTIMATORS["reparam"]
+        old_estimator, vae.estimator = vae.estimator, reparam
+        live = measured_parameters(vae)
+        try:
+            with param_scope():
+                for n in _chunks(num_draws, chunk_size):
+                    elbo = Trace_ELBO(num_particles=n, vectorize_particles=True,
+                                      max_plate_nesting=1)
+                    vae.zero_grad(set_to_none=True)
+                    elbo.loss_and_grads(vae.model, vae.guide, x)
+                    for k, p in live.items():
+                        if p.grad is not None:
+                            total[k] += p.grad.double() * n / x.shape[0]
+        finally:
+            vae.estimator = old_estimator
+            vae.zero_grad(set_to_none=True)
+    if paths is not None:
+        paths.append(choice)
     return {k: (v / num_draws).float() for k, v in total.items()}
 
 
@@ -499,7 +631,7 @@ def measure_gradient_variance(vae: VAE, x: torch.Tensor, estimators: Sequence[st
         vectorized: False measures with a loop over Pyro's ``loss_and_grads`` (slow reference).
         precision: ``float32`` (the default here), or ``bf16`` (the default of ``pyro-vae
             variance --draw-precision``): the draws' and the oracle's matrix products in
-            bfloat16 (see :class:`~pyro_vae.mlp_gradients.MLPGradients`; autocast on the
+            bfloat16 (see :class:`~pyro_vae.inference.accelerators.MLPGradients`; autocast on the
             ``func`` path). Per-draw gradients then differ from float32 by 0.1-0.4%, which
             changes the variances by far less than their intervals (tested).
         compile: accumulate the per-parameter moments with a torch.compile'd kernel (one
@@ -531,8 +663,9 @@ def measure_gradient_variance(vae: VAE, x: torch.Tensor, estimators: Sequence[st
         torch.manual_seed(seed)
         generator = torch.Generator().manual_seed(seed)
         start = time.perf_counter()
+        paths: list[PathChoice] = []
         with torch.enable_grad():
-            oracle = oracle_gradient(vae, x, oracle_draws, precision=precision)
+            oracle = oracle_gradient(vae, x, oracle_draws, precision=precision, paths=paths)
         oracle_seconds = time.perf_counter() - start
         groups = parameter_groups(list(oracle))
         boots: dict[str, dict[str, torch.Tensor]] = {}
@@ -543,7 +676,8 @@ def measure_gradient_variance(vae: VAE, x: torch.Tensor, estimators: Sequence[st
             with torch.enable_grad(), PRECISIONS[precision]():
                 draws = gradient_draws(vae, est, x, num_draws, num_particles=num_particles,
                                        chunk_size=chunk_size, train_scale=train_scale,
-                                       vectorized=vectorized, precision=precision)
+                                       vectorized=vectorized, precision=precision,
+                                       paths=paths)
                 for g in draws:
                     seconds += time.perf_counter() - start
                     g = {k: v.detach() for k, v in g.items()}
@@ -560,7 +694,7 @@ def measure_gradient_variance(vae: VAE, x: torch.Tensor, estimators: Sequence[st
             boots[name] = {grp: s.pop("_trace_boot") for grp, s in stats.items()}
             results[name] = {"groups": stats, "seconds_per_draw": seconds / num_draws,
                              "num_particles": max(num_particles, est.min_particles),
-                             "score_function": est.score_function}
+                             "score_function": est.score_function, "path": paths[-1].path}
         for name in names:
             for grp, s in results[name]["groups"].items():
                 ref = results["reparam"]["groups"][grp]["trace"]
@@ -570,165 +704,7 @@ def measure_gradient_variance(vae: VAE, x: torch.Tensor, estimators: Sequence[st
     return {"estimators": results, "num_draws": num_draws, "oracle_draws": oracle_draws,
             "oracle_seconds": oracle_seconds, "compile_seconds": compile_seconds,
             "batch_size": int(x.shape[0]),
-            "groups": {g: len(v) for g, v in groups.items()}}
+            "groups": {g: len(v) for g, v in groups.items()},
+            "paths": [p.as_dict() for p in paths]}
 
 
-# -- the experiment: checkpoints along a reference run, sweeps, training curves -------------------
-def fixed_minibatch(dataset: Any, cfg: Any, batch_size: int, seed: int = 0) -> torch.Tensor:
-    """One minibatch of training images, binarized once, shared by every estimator."""
-    from .data import binarize_batch, prepare_observations
-
-    data = prepare_observations(dataset, cfg.data, seed=seed)
-    if batch_size > len(data.train):
-        raise ConfigError(f"measurement batch size {batch_size} is larger than the "
-                          f"{len(data.train)} training images")
-    idx = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(seed))
-    torch.manual_seed(seed)
-    return binarize_batch(data.train.images[idx[:batch_size]], cfg.data.binarize)
-
-
-def train_with_snapshots(cfg: Any, dataset: Any, snapshot_steps: Sequence[int],
-                         record_every: int = 10) -> tuple[Any, dict[int, dict], dict[str, list]]:
-    """Train ``cfg``'s estimator for max(snapshot_steps) steps; keep the states at those steps.
-
-    Returns:
-        (trainer, {step: {"vae": state_dict, "store": param-store extras}}, curve) where curve
-        holds ``step``, ``seconds`` (training wall-clock) and ``elbo`` (mean training ELBO per
-        image over the last ``record_every`` steps).
-    """
-    from .data import binarize_batch
-    from .train import Trainer, _param_store_extras, epoch_order
-
-    trainer = Trainer(cfg, dataset)
-    train = trainer.dataset.train.images
-    batch = cfg.train.batch_size
-    per_epoch = len(train) // batch
-    last = max(snapshot_steps)
-    snapshots: dict[int, dict] = {}
-    curve: dict[str, list] = {"step": [], "seconds": [], "elbo": []}
-    seconds, window = 0.0, []
-    for step in range(last + 1):
-        if step in snapshot_steps:
-            snapshots[step] = {"vae": {k: v.detach().clone()
-                                       for k, v in trainer.vae.state_dict().items()},
-                               "store": _param_store_extras()}
-        if step == last:
-            break
-        epoch, pos = divmod(step, per_epoch)
-        if pos == 0:
-            order = epoch_order(len(train), cfg.train.seed, epoch)
-        x = binarize_batch(train[order[pos * batch:(pos + 1) * batch]], cfg.data.binarize)
-        start = time.perf_counter()
-        loss = trainer.step(x)
-        seconds += time.perf_counter() - start
-        if loss is not None:
-            window.append(-loss)
-        if (step + 1) % record_every == 0 and window:
-            curve["step"].append(step + 1)
-            curve["seconds"].append(seconds)
-            curve["elbo"].append(sum(window) / len(window))
-            window = []
-    return trainer, snapshots, curve
-
-
-def variance_experiment(cfg: Any, dataset: Any, estimators: Sequence[str] = (
-        "reparam", "score", "score-avg-baseline"), *, checkpoints: Sequence[int] = (
-        0, 100, 500, 1000), num_draws: int = 1000, oracle_draws: int = 1000,
-        measure_batch: int = 256, latent_dims: Sequence[int] = (),
-        batch_sizes: Sequence[int] = (), curve_steps: int = 0, seed: int = 0,
-        precision: str = "float32", runs: Sequence[Any] = (),
-        log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """The variance experiment; returns plain numbers (the CLI writes them).
-
-    With ``runs`` (a list of ``(name, step, config, vae, param-store extras)``), those
-    checkpoints are measured. Otherwise a reference run of ``cfg`` (its estimator, usually
-    ``reparam``) is trained and snapshotted at ``checkpoints``, once per latent dimension in
-    ``latent_dims`` (default: ``cfg.model.latent_dim``); each snapshot is measured on one fixed
-    minibatch per size in ``batch_sizes`` (default: ``measure_batch``). With ``curve_steps``,
-    each estimator is also trained that many steps from the same initialisation and its
-    training ELBO recorded against steps and wall-clock.
-    """
-    import copy
-
-    from .model import VAE
-
-    log = log or (lambda message: None)
-    for name in estimators:
-        if name not in ESTIMATORS:
-            raise ConfigError(f"unknown estimator {name!r}; choose from {', '.join(ESTIMATORS)}")
-    if any(c < 0 for c in checkpoints) or not checkpoints:
-        raise ConfigError(f"checkpoints must be non-negative steps, got {list(checkpoints)}")
-    sizes = list(batch_sizes) or [measure_batch]
-    rows: list[dict[str, Any]] = []
-    timing = {"reference_training_s": 0.0, "measurement_s": 0.0, "curves_s": 0.0}
-    measured: list[tuple[str, int, int, Any, dict, float]] = []  # name, ld, step, vae, store
-    if runs:
-        for name, step, run_cfg, vae, store in runs:
-            train_scale = len(dataset.train) / run_cfg.train.batch_size
-            measured.append((name, run_cfg.model.latent_dim, step, vae, store, train_scale))
-    for latent_dim in ([] if runs else (list(latent_dims) or [cfg.model.latent_dim])):
-        ref_cfg = copy.deepcopy(cfg)
-        ref_cfg.model.latent_dim = latent_dim
-        ref_cfg.train.progress = False
-        start = time.perf_counter()
-        log(f"training the reference run (latent dim {latent_dim}, {max(checkpoints)} steps)")
-        trainer, snaps, _ = train_with_snapshots(ref_cfg, dataset, sorted(set(checkpoints)))
-        timing["reference_training_s"] += time.perf_counter() - start
-        train_scale = len(trainer.dataset.train) / ref_cfg.train.batch_size
-        for step, snap in sorted(snaps.items()):
-            vae = VAE.from_config(ref_cfg, dataset.image_shape)
-            vae.load_state_dict(snap["vae"])
-            measured.append(("reference", latent_dim, step, vae, snap["store"], train_scale))
-    # one fixed minibatch per size, the same at every checkpoint (each call re-binarizes the set)
-    minibatches = {size: fixed_minibatch(dataset, cfg, size, seed) for size in sizes}
-    start_all = time.perf_counter()
-    for run_name, latent_dim, step, vae, store, train_scale in measured:
-        for size in sizes:
-            x = minibatches[size]
-            pyro.clear_param_store()
-            for key, value in store.items():
-                pyro.get_param_store()[key] = value
-            log(f"measuring {run_name} step {step} (latent dim {latent_dim}, batch {size})")
-            result = measure_gradient_variance(
-                vae, x, estimators, num_draws=num_draws, oracle_draws=oracle_draws,
-                num_particles=cfg.train.num_particles, train_scale=train_scale, seed=seed,
-                precision=precision)
-            rows.append({"run": run_name, "latent_dim": latent_dim, "batch_size": size,
-                         "step": step, **result})
-    timing["measurement_s"] = time.perf_counter() - start_all
-    curves: dict[str, dict[str, list]] = {}
-    if curve_steps > 0:
-        start = time.perf_counter()
-        for name in estimators:
-            run_cfg = copy.deepcopy(cfg)
-            run_cfg.train.estimator = name
-            run_cfg.train.progress = False
-            run_cfg.validate()
-            log(f"training curve: {name} ({curve_steps} steps)")
-            _, _, curves[name] = train_with_snapshots(run_cfg, dataset, [curve_steps])
-        timing["curves_s"] = time.perf_counter() - start
-    pyro.clear_param_store()
-    return {"estimators": list(estimators), "num_draws": num_draws,
-            "oracle_draws": oracle_draws, "precision": precision, "measurements": rows,
-            "curves": curves, "timing": timing}
-
-
-def variance_rows(experiment: dict[str, Any]) -> list[dict[str, Any]]:
-    """Flatten an experiment into one row per (checkpoint, batch size, estimator, group)."""
-    out = []
-    for m in experiment["measurements"]:
-        for name, res in m["estimators"].items():
-            for group, s in res["groups"].items():
-                out.append({
-                    "run": m["run"], "latent_dim": m["latent_dim"], "batch_size": m["batch_size"],
-                    "step": m["step"], "estimator": name, "group": group,
-                    "num_params": s["num_params"], "trace": s["trace"],
-                    "trace_lo": s["trace_ci"][0], "trace_hi": s["trace_ci"][1],
-                    "mean_variance": s["mean_variance"],
-                    "relative_variance": s["relative_variance"], "snr": s["snr"],
-                    "cosine": s["cosine"], "cosine_lo": s["cosine_ci"][0],
-                    "cosine_hi": s["cosine_ci"][1], "ratio_to_reparam": s["ratio_to_reparam"],
-                    "ratio_lo": s["ratio_to_reparam_ci"][0],
-                    "ratio_hi": s["ratio_to_reparam_ci"][1],
-                    "seconds_per_draw": res["seconds_per_draw"]})
-    return out

@@ -22,11 +22,12 @@ import torch
 from pyro.nn import AutoRegressiveNN
 from torch import nn
 
-from .errors import ConfigError
-from .networks import MIN_SCALE, positive_scale
+from ..errors import ConfigError
+from ..registry import PRIORS
+from .layers import MIN_SCALE, positive_scale
 
 if TYPE_CHECKING:
-    from .config import Config, ModelConfig
+    from ..config import Config, ModelConfig
 
 
 def _raw_for_scale(scale: float) -> float:
@@ -210,15 +211,16 @@ class StudentTPrior(Prior):
         return dist.StudentT(self.df, self.loc, self.scale).to_event(1)
 
 
-#: Prior name -> class. Add a prior with one entry.
-PRIORS: dict[str, type[Prior]] = {
+#: Prior name -> class (the registry lives in :mod:`pyro_vae.registry`). Add a prior with one
+#: entry.
+PRIORS.update({
     "standard-normal": StandardNormalPrior,
     "learned-gaussian": LearnedGaussianPrior,
     "mixture": MixturePrior,
     "vamp": VampPrior,
     "flow": FlowPrior,
     "student-t": StudentTPrior,
-}
+})
 
 
 def build_prior(cfg: ModelConfig, encoder: nn.Module | None = None,
@@ -228,7 +230,4 @@ def build_prior(cfg: ModelConfig, encoder: nn.Module | None = None,
     Raises:
         ConfigError: if ``cfg.prior`` is not in :data:`PRIORS`.
     """
-    if cfg.prior not in PRIORS:
-        raise ConfigError(f"unknown prior {cfg.prior!r}; choose one of: "
-                          f"{', '.join(sorted(PRIORS))}")
-    return PRIORS[cfg.prior](cfg, encoder, image_shape)
+    return PRIORS.get_or_raise(cfg.prior)(cfg, encoder, image_shape)

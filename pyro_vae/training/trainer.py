@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import signal
 import threading
 import time
@@ -27,10 +26,8 @@ from typing import Any
 import pyro
 import torch
 
-from . import distributed
-from .checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
-from .config import Config
-from .data import (
+from ..config import Config
+from ..data import (
     Dataset,
     binarize_batch,
     check_image_shape,
@@ -38,22 +35,29 @@ from .data import (
     load_dataset,
     prepare_observations,
 )
-from .errors import CheckpointError, ConfigError, PyroVAEError, TrainingError
-from .estimators import ESTIMATORS
-from .evaluate import elbo_per_image
-from .fast import adam, keep_float32_outputs, make_fast_elbo, precision_context
-from .model import VAE
-from .runtime import apply_threads
+from ..errors import CheckpointError, ConfigError, PyroVAEError, TrainingError
+from ..inference.accelerators import PathChoice, choose_training_loss
+from ..inference.precision import keep_float32_outputs, precision_context
+from ..metrics.elbo import elbo_per_image
+from ..models.vae import VAE
+from ..registry import ESTIMATORS
+from ..runtime import apply_threads
+from . import distributed
+from .checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
+from .runs import (
+    CHECKPOINT_FILE,
+    CHECKPOINT_FORMAT,
+    CONFIG_FILE,
+    EVENTS_FILE,
+    METRICS_FILE,
+    _config_differences,
+    _short,
+    check_parts,
+    check_run_dir,
+    pick_device,
+    record_parts,
+)
 
-CONFIG_FILE = "config.toml"
-CHECKPOINT_FILE = "checkpoint.pt"
-METRICS_FILE = "metrics.jsonl"
-EVENTS_FILE = "events.jsonl"
-CHECKPOINT_FORMAT = 1
-#: Config keys that may differ between a run and its resumption.
-RESUMABLE_KEYS = {("train", "epochs"), ("train", "progress"), ("train", "device"),
-                  ("train", "max_bad_steps"), ("train", "eval_batch_size"),
-                  ("train", "fast_path"), ("train", "threads")}
 _MODULE_PREFIXES = ("encoder$$$", "decoder$$$", "prior$$$", "estimator$$$")
 #: Skipped steps are reported here (stderr through logging's last-resort handler by default).
 _LOG = logging.getLogger(__name__)
@@ -71,34 +75,10 @@ class TrainResult:
     interrupted: bool = False
 
 
-def pick_device(name: str) -> torch.device:
-    """``auto`` -> cuda when available, else cpu."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device cuda was asked for but no CUDA device is available")
-    return torch.device(name)
-
-
 def epoch_order(num_data: int, seed: int, epoch: int) -> torch.Tensor:
     """The shuffled order of the training images in ``epoch``: a function of (seed, epoch)."""
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     return torch.randperm(num_data, generator=generator)
-
-
-def _short(error: Exception) -> str:
-    """The informative line of a multi-line error (torch puts a heading ending in ':' first)."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    if not lines:
-        return type(error).__name__
-    return lines[1] if len(lines) > 1 and lines[0].endswith(":") else lines[0]
-
-
-# -- run folders ----------------------------------------------------------------------------------
-def _config_differences(old: Config, new: Config) -> list[str]:
-    a, b = old.to_dict(), new.to_dict()
-    return [f"{s}.{k} ({a[s][k]!r} -> {b[s][k]!r})" for s in a for k in a[s]
-            if (s, k) not in RESUMABLE_KEYS and a[s][k] != b[s].get(k)]
 
 
 def _total_grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
@@ -108,42 +88,6 @@ def _total_grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
     if get_total_norm is None:
         return torch.nn.utils.clip_grad_norm_(params, math.inf)
     return get_total_norm([p.grad for p in params if p.grad is not None])
-
-
-def check_run_dir(run_dir: Path, cfg: Config, resume: bool, overwrite: bool) -> None:
-    """Refuse to touch a folder that holds something else, before anything is written.
-
-    Raises:
-        CheckpointError: the folder holds another run (and neither --resume nor --overwrite),
-            or --resume was given for a folder with no checkpoint or a different config.
-    """
-    if resume and overwrite:
-        raise ConfigError("--resume and --overwrite exclude each other")
-    if run_dir.exists() and not run_dir.is_dir():
-        raise CheckpointError(f"output path {run_dir} exists and is not a folder")
-    nearest = next(p for p in (run_dir, *run_dir.absolute().parents) if p.exists())
-    if not nearest.is_dir():
-        raise CheckpointError(f"cannot create output folder {run_dir}: {nearest} is a file")
-    if not os.access(nearest, os.W_OK | os.X_OK):
-        raise CheckpointError(f"cannot write to {nearest} (permission denied); choose another "
-                              f"--out")
-    contents = [p for p in run_dir.iterdir()] if run_dir.is_dir() else []
-    if resume:
-        if (run_dir / CONFIG_FILE).is_file() and not (run_dir / CHECKPOINT_FILE).is_file():
-            raise CheckpointError(f"cannot resume {run_dir}: it holds no {CHECKPOINT_FILE} (the "
-                                  f"run stopped before its first epoch ended); start it again "
-                                  f"with --overwrite")
-        if not (run_dir / CHECKPOINT_FILE).is_file() or not (run_dir / CONFIG_FILE).is_file():
-            raise CheckpointError(f"cannot resume: {run_dir} holds no {CHECKPOINT_FILE} and "
-                                  f"{CONFIG_FILE}")
-        differences = _config_differences(Config.load(run_dir / CONFIG_FILE), cfg)
-        if differences:
-            raise CheckpointError(f"cannot resume {run_dir} with a different config: "
-                                  f"{'; '.join(differences)}")
-    elif contents and not overwrite:
-        what = "another run" if (run_dir / CONFIG_FILE).exists() else "other files"
-        raise CheckpointError(f"output folder {run_dir} already holds {what}; pass --resume to "
-                              f"continue it, --overwrite to replace it, or choose another --out")
 
 
 # -- the loop -----------------------------------------------------------------------------------
@@ -172,8 +116,14 @@ class _StopRequest:
 def _param_store_extras() -> dict[str, torch.Tensor]:
     """Param-store entries that are not module parameters (e.g. Pyro's average baselines)."""
     store = pyro.get_param_store()
-    return {name: store[name].detach().clone() for name in store.keys()
+    # Pyro keeps the moving-average baseline as a ProvenanceTensor; keep plain tensors
+    return {name: plain_tensor(store[name]) for name in store.keys()
             if not name.startswith(_MODULE_PREFIXES)}
+
+
+def plain_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A detached copy of ``t`` as a plain ``torch.Tensor`` (not a Pyro tensor subclass)."""
+    return t.detach().as_subclass(torch.Tensor).clone()
 
 
 def _rng_state() -> dict[str, Any]:
@@ -196,7 +146,8 @@ class Trainer:
     estimator's ELBO, so any model built from the same pieces trains the same way.
     """
 
-    def __init__(self, cfg: Config, dataset: Dataset, run_dir: Path | None = None):
+    def __init__(self, cfg: Config, dataset: Dataset, run_dir: Path | None = None,
+                 vae: VAE | None = None):
         self.cfg = cfg
         self.run_dir = run_dir
         self.workers = distributed.current()
@@ -211,15 +162,30 @@ class Trainer:
                               f"{len(self.dataset.train)} training images")
         pyro.clear_param_store()
         pyro.set_rng_seed(cfg.train.seed)
-        self.vae = VAE.from_config(cfg, dataset.image_shape).to(self.device)
-        self.elbo = ESTIMATORS[cfg.train.estimator].make_elbo(cfg)
+        estimator = ESTIMATORS[cfg.train.estimator]
+        if vae is None:
+            vae = VAE.from_config(cfg, dataset.image_shape)
+        else:  # the user's own VAE: it trains with the configured estimator
+            vae.estimator = estimator
+            num_pixels = self.dataset.num_pixels
+            for name, module in estimator.make_modules(cfg, num_pixels).items():
+                if name not in vae.estimator_modules:
+                    vae.estimator_modules[name] = module
+        self.vae = vae.to(self.device)
+        self.elbo = estimator.make_elbo(cfg)
         self.optimizer = adam(self._param_groups(cfg), cfg.train.lr, self.device)
-        # The fast path (fast.py) where it reproduces Trace_ELBO, else Pyro; under torchrun the
-        # loss module is wrapped in DistributedDataParallel (distributed.py).
         if cfg.train.precision != "float32":
             keep_float32_outputs(self.vae)
-        self.fast = make_fast_elbo(cfg, self.vae, len(self.dataset.train), self.workers.rank,
-                                   self.workers.world_size)
+        # FastELBO where the traced program has its structure and a probe agrees, else the
+        # estimator's Pyro ELBO; under torchrun the loss module is wrapped in
+        # DistributedDataParallel (distributed.py).
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            probe = binarize_batch(self.dataset.train.images[:cfg.train.batch_size],
+                                   cfg.data.binarize)
+        self.fast, choice = choose_training_loss(cfg, self.vae, estimator, probe,
+                                                 len(self.dataset.train), self.workers.rank,
+                                                 self.workers.world_size)
+        self.paths: list[PathChoice] = [choice]
         self.loss_module = None
         if self.fast is not None or self.workers.active:
             if self.fast is None and not hasattr(self.elbo, "differentiable_loss"):
@@ -297,7 +263,9 @@ class Trainer:
                           f"cannot resume {self.run_dir}")
         # config.toml was compared in check_run_dir; the checkpoint carries its own copy, which
         # differs only if one of the two files was edited or replaced by hand.
-        differences = _config_differences(Config.from_dict(state["config"]), self.cfg)
+        saved = Config.from_dict(state["config"])
+        check_parts(saved, self.vae, f"run {self.run_dir}")
+        differences = _config_differences(saved, self.cfg)
         if differences:
             raise CheckpointError(f"cannot resume {self.run_dir}: its {CHECKPOINT_FILE} was made "
                                   f"with a different config: {'; '.join(differences)}")
@@ -431,7 +399,8 @@ class Trainer:
 
 
 def fit(config: Config, run_dir: str | Path | None = None, *, resume: bool = False,
-        overwrite: bool = False, dataset: Dataset | None = None) -> TrainResult:
+        overwrite: bool = False, dataset: Dataset | None = None,
+        vae: VAE | None = None) -> TrainResult:
     """Train a VAE with SVI; keep ``run_dir`` (if given) updated with metrics and checkpoints.
 
     Everything the user can get wrong (config values, the run folder, the data) is checked
@@ -443,6 +412,9 @@ def fit(config: Config, run_dir: str | Path | None = None, *, resume: bool = Fal
         resume: continue the run saved in ``run_dir``.
         overwrite: replace a run already in ``run_dir``.
         dataset: use these images instead of loading ``config.data`` (tests, notebooks).
+        vae: train this VAE (built from your own encoder, decoder, prior modules) instead of
+            the one ``config.model`` describes; it trains with ``config.train``'s estimator,
+            and the run records its classes so that it is never loaded into others.
     """
     config.validate()
     workers = distributed.setup(config.train.device)  # joins torchrun's processes, if any
@@ -452,7 +424,8 @@ def fit(config: Config, run_dir: str | Path | None = None, *, resume: bool = Fal
         check_run_dir(run_dir, config, resume, overwrite)
     if dataset is None:
         dataset = load_dataset(config.data)
-    trainer = Trainer(config, dataset, run_dir)
+    trainer = Trainer(config, dataset, run_dir, vae=vae)
+    record_parts(config, trainer.vae)
     distributed.barrier(workers)  # every process has checked the folder before rank 0 writes
     if run_dir is not None:
         if resume:
@@ -463,6 +436,8 @@ def fit(config: Config, run_dir: str | Path | None = None, *, resume: bool = Fal
             for name in (METRICS_FILE, EVENTS_FILE, CHECKPOINT_FILE):
                 (run_dir / name).unlink(missing_ok=True)
         atomic_write_text(run_dir / CONFIG_FILE, config.to_toml())
+    for choice in trainer.paths:
+        trainer._log_event({"event": "path", "step": trainer.global_step, **choice.as_dict()})
     with _StopRequest() as stop:
         finished = trainer.run(stop)
     if not finished:
@@ -471,37 +446,13 @@ def fit(config: Config, run_dir: str | Path | None = None, *, resume: bool = Fal
                        interrupted=not finished)
 
 
-def train(config: Config, run_dir: str | Path | None = None, *, resume: bool = False,
-          overwrite: bool = False, dataset: Dataset | None = None,
-          figures: bool = True) -> TrainResult:
-    """:func:`fit`, then write loss_curve.png, samples.png and reconstructions.png to run_dir."""
-    result = fit(config, run_dir, resume=resume, overwrite=overwrite, dataset=dataset)
-    if (figures and result.run_dir is not None and not result.interrupted
-            and distributed.current().is_main):
-        from .plots import write_run_figures
-
-        write_run_figures(result)
-    return result
 
 
-def load_run(run_dir: str | Path, device: str = "cpu") -> tuple[Config, VAE, dict[str, Any]]:
-    """Rebuild the trained VAE of a run folder from its checkpoint.
-
-    Returns:
-        (config, vae in eval mode, the checkpoint's state dict).
-    """
-    run_dir = Path(run_dir)
-    if not (run_dir / CONFIG_FILE).is_file():
-        raise CheckpointError(f"{run_dir} is not a run folder (no {CONFIG_FILE})")
-    state = load_checkpoint(run_dir / CHECKPOINT_FILE, device)
-    # pyro.module hands back a param-store tensor of the same name in preference to the
-    # module's own, so a store left over from earlier work would shadow the loaded weights.
-    pyro.clear_param_store()
-    cfg = Config.from_dict(state["config"]).validate()
-    vae = VAE.from_config(cfg, tuple(state["image_shape"])).to(device)
+def adam(params, lr: float, device: torch.device) -> torch.optim.Adam:
+    """torch Adam with the fused kernel where the device has one (one kernel for all tensors)."""
+    params = list(params)
     try:
-        vae.load_state_dict(state["vae"])
-    except (KeyError, RuntimeError) as e:
-        raise CheckpointError(f"{run_dir / CHECKPOINT_FILE} does not fit the model its config "
-                              f"describes ({_short(e)})") from None
-    return cfg, vae.eval(), state
+        return torch.optim.Adam(params, lr=lr, fused=device.type in ("cpu", "cuda"))
+    except (RuntimeError, TypeError):  # an older torch or a device without a fused kernel
+        return torch.optim.Adam(params, lr=lr)
+

@@ -1,0 +1,173 @@
+"""Run folders: what a run's folder holds, the checks before anything is written, the record of
+the parts a run was built from, and loading a trained run back.
+
+A run records in config.toml (section ``[run]``) the plugin modules its parts came from and the
+class of each part. Loading or resuming a run refuses, with one line, when one of those plugins
+is not loaded or when the config would now build other classes than the run was trained with:
+a checkpoint is never loaded into the wrong class, and no code named by a run folder is
+imported on its own.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pyro
+import torch
+from torch import nn
+
+from ..config import Config
+from ..errors import CheckpointError, ConfigError
+from ..models.vae import VAE
+from ..registry import ENCODERS, ESTIMATORS, LIKELIHOODS, PRIORS, plugins_for, require_plugins
+from .checkpoint import load_checkpoint
+
+CONFIG_FILE = "config.toml"
+CHECKPOINT_FILE = "checkpoint.pt"
+METRICS_FILE = "metrics.jsonl"
+EVENTS_FILE = "events.jsonl"
+CHECKPOINT_FORMAT = 1
+#: Config keys that may differ between a run and its resumption.
+RESUMABLE_KEYS = {("train", "epochs"), ("train", "progress"), ("train", "device"),
+                  ("train", "max_bad_steps"), ("train", "eval_batch_size"),
+                  ("train", "fast_path"), ("train", "threads")}
+
+
+def pick_device(name: str) -> torch.device:
+    """``auto`` -> cuda when available, else cpu."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device cuda was asked for but no CUDA device is available")
+    return torch.device(name)
+
+
+def _short(error: Exception) -> str:
+    """The informative line of a multi-line error (torch puts a heading ending in ':' first)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    return lines[1] if len(lines) > 1 and lines[0].endswith(":") else lines[0]
+
+
+# -- run folders ----------------------------------------------------------------------------------
+def _config_differences(old: Config, new: Config) -> list[str]:
+    a, b = old.to_dict(), new.to_dict()
+    # [run] records what the parts were built from; check_parts compares it with the VAE
+    return [f"{s}.{k} ({a[s][k]!r} -> {b[s][k]!r})" for s in a if s != "run" for k in a[s]
+            if (s, k) not in RESUMABLE_KEYS and a[s][k] != b[s].get(k)]
+
+
+def check_run_dir(run_dir: Path, cfg: Config, resume: bool, overwrite: bool) -> None:
+    """Refuse to touch a folder that holds something else, before anything is written.
+
+    Raises:
+        CheckpointError: the folder holds another run (and neither --resume nor --overwrite),
+            or --resume was given for a folder with no checkpoint or a different config.
+    """
+    if resume and overwrite:
+        raise ConfigError("--resume and --overwrite exclude each other")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise CheckpointError(f"output path {run_dir} exists and is not a folder")
+    nearest = next(p for p in (run_dir, *run_dir.absolute().parents) if p.exists())
+    if not nearest.is_dir():
+        raise CheckpointError(f"cannot create output folder {run_dir}: {nearest} is a file")
+    if not os.access(nearest, os.W_OK | os.X_OK):
+        raise CheckpointError(f"cannot write to {nearest} (permission denied); choose another "
+                              f"--out")
+    contents = [p for p in run_dir.iterdir()] if run_dir.is_dir() else []
+    if resume:
+        if (run_dir / CONFIG_FILE).is_file() and not (run_dir / CHECKPOINT_FILE).is_file():
+            raise CheckpointError(f"cannot resume {run_dir}: it holds no {CHECKPOINT_FILE} (the "
+                                  f"run stopped before its first epoch ended); start it again "
+                                  f"with --overwrite")
+        if not (run_dir / CHECKPOINT_FILE).is_file() or not (run_dir / CONFIG_FILE).is_file():
+            raise CheckpointError(f"cannot resume: {run_dir} holds no {CHECKPOINT_FILE} and "
+                                  f"{CONFIG_FILE}")
+        differences = _config_differences(Config.load(run_dir / CONFIG_FILE), cfg)
+        if differences:
+            raise CheckpointError(f"cannot resume {run_dir} with a different config: "
+                                  f"{'; '.join(differences)}")
+    elif contents and not overwrite:
+        what = "another run" if (run_dir / CONFIG_FILE).exists() else "other files"
+        raise CheckpointError(f"output folder {run_dir} already holds {what}; pass --resume to "
+                              f"continue it, --overwrite to replace it, or choose another --out")
+
+
+# -- the parts a run was built from ---------------------------------------------------------------
+def class_name(obj: Any) -> str:
+    """``module.QualName`` of an object's class."""
+    cls = type(obj)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _part_classes(vae: VAE) -> dict[str, str]:
+    family = getattr(vae.encoder, "family", None)
+    return {"encoder_class": class_name(vae.encoder), "decoder_class": class_name(vae.decoder),
+            "prior_class": class_name(vae.prior),
+            "guide_family_class": class_name(family) if isinstance(family, nn.Module) else ""}
+
+
+def record_parts(cfg: Config, vae: VAE) -> None:
+    """Fill ``cfg.run``: the plugins the configured parts come from and each part's class."""
+    parts = {"prior": (PRIORS, cfg.model.prior), "encoder": (ENCODERS, cfg.model.encoder),
+             "likelihood": (LIKELIHOODS, cfg.model.likelihood),
+             "estimator": (ESTIMATORS, cfg.train.estimator)}
+    cfg.run.plugins = plugins_for(parts)
+    for key, value in _part_classes(vae).items():
+        setattr(cfg.run, key, value)
+
+
+def check_parts(cfg: Config, vae: VAE, what: str) -> None:
+    """Refuse (CheckpointError) a VAE whose parts are of other classes than ``cfg.run`` records.
+
+    Runs saved before parts were recorded (empty fields) are accepted as they are.
+    """
+    for key, built in _part_classes(vae).items():
+        recorded = getattr(cfg.run, key)
+        if recorded and built != recorded:
+            raise CheckpointError(
+                f"{what} was trained with {key.replace('_class', '').replace('_', ' ')} "
+                f"{recorded}, but this would load it into {built}; build the VAE from the same "
+                f"classes and pass it as vae= (Python), or load the plugin that provides them")
+
+
+def load_run(run_dir: str | Path, device: str = "cpu", vae: VAE | None = None
+             ) -> tuple[Config, VAE, dict[str, Any]]:
+    """Rebuild the trained VAE of a run folder from its checkpoint.
+
+    Args:
+        run_dir: the run folder.
+        device: where to put the model.
+        vae: a VAE of the run's own classes to load the weights into (a run trained with
+            ``fit(..., vae=...)`` on parts no registry builds); default: built from the config.
+
+    Returns:
+        (config, vae in eval mode, the checkpoint's state dict).
+
+    Raises:
+        CheckpointError / ConfigError: no run there; a plugin the run needs is not loaded; the
+            parts would be of other classes than the run was trained with.
+    """
+    run_dir = Path(run_dir)
+    if not (run_dir / CONFIG_FILE).is_file():
+        raise CheckpointError(f"{run_dir} is not a run folder (no {CONFIG_FILE})")
+    state = load_checkpoint(run_dir / CHECKPOINT_FILE, device)
+    # pyro.module hands back a param-store tensor of the same name in preference to the
+    # module's own, so a store left over from earlier work would shadow the loaded weights.
+    pyro.clear_param_store()
+    cfg = Config.from_dict(state["config"])
+    require_plugins(cfg.run.plugins, f"run {run_dir}")
+    cfg.validate()
+    if vae is None:
+        vae = VAE.from_config(cfg, tuple(state["image_shape"]))
+    vae = vae.to(device)
+    check_parts(cfg, vae, f"run {run_dir}")
+    try:
+        vae.load_state_dict(state["vae"])
+    except (KeyError, RuntimeError) as e:
+        raise CheckpointError(f"{run_dir / CHECKPOINT_FILE} does not fit the model its config "
+                              f"describes ({_short(e)})") from None
+    return cfg, vae.eval(), state
