@@ -252,11 +252,15 @@ class Config:
                 value = getattr(section, f.name)
                 flag = f"{section_name}.{f.name}"
                 choices = f.metadata.get("choices")
+                extensible = callable(choices)  # a registry: plugins may add names
                 if callable(choices):
                     choices = choices()
                 if choices is not None and value not in choices:
+                    hint = ("; a name from your own module needs its plugin loaded first "
+                            "(pyro-vae --plugin MODULE, or pyro_vae.load_plugin)"
+                            if extensible else "")
                     raise ConfigError(f"unknown {f.name.replace('_', ' ')} {value!r} ({flag}); "
-                                      f"choose one of: {', '.join(choices)}")
+                                      f"choose one of: {', '.join(choices)}{hint}")
                 check = f.metadata.get("check")
                 if check is not None and not check(value):
                     raise ConfigError(f"{flag} = {value!r} is invalid: must be "

@@ -14,8 +14,8 @@ accumulated in float64; they are summarised per parameter group (encoder, decode
 Gradients are of the per-image negative ELBO (Pyro's surrogate divided by the batch size).
 
 Speed: each estimator's :attr:`~pyro_vae.inference.estimators.Estimator.draw_loss` is its Pyro
-surrogate written as a function of one draw of noise; ``torch.func.vmap(torch.func.grad(...))`` over a
-chunk of draws gives all their gradients at once, and the encoder's forward pass (the same for
+surrogate written as a function of one draw of noise; ``torch.func.vmap(torch.func.grad(...))``
+over a chunk of draws gives all their gradients at once, and the encoder's forward pass (the same for
 every draw, since x is fixed) is computed once per chunk instead of once per draw. The result
 equals a loop over Pyro's ``loss_and_grads`` draw for draw (tests/test_variance.py).
 """

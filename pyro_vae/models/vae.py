@@ -1,8 +1,8 @@
 """The VAE as a Pyro model p(z) p(x|z) and an amortized guide q(z|x).
 
-The networks return distributions (``networks.py``), the prior is a module returning p(z)
-(``priors.py``) and the estimator decides how the guide samples z (``estimators.py``), so the
-model and guide below read like the maths:
+The networks return distributions (:mod:`pyro_vae.models.networks`), the prior is a module
+returning p(z) (:mod:`pyro_vae.models.priors`) and the estimator decides how the guide samples z
+(:mod:`pyro_vae.inference.estimators`), so the model and guide below read like the maths:
 
     model:  z_n ~ p(z),            x_n ~ p(x | z_n) = Decoder(z_n)     for n in the minibatch
     guide:  z_n ~ q(z | x_n) = Encoder(x_n)
@@ -10,7 +10,8 @@ model and guide below read like the maths:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
 
 import pyro
 import torch
@@ -22,7 +23,16 @@ from .priors import Prior, build_prior
 
 if TYPE_CHECKING:
     from ..config import Config
-    from ..inference.estimators import Estimator
+
+
+class Estimator(Protocol):
+    """What the guide needs of a gradient estimator (the registry's entries,
+    :class:`pyro_vae.inference.estimators.Estimator`, provide it): the distribution z is sampled
+    from, the site's infer options, and the trainable modules those options use."""
+
+    posterior: Callable[[Any], Any]
+    site_infer: Callable[[nn.ModuleDict, torch.Tensor, float], dict[str, Any]]
+    make_modules: Callable[[Config, int], dict[str, nn.Module]]
 
 
 class VAE(nn.Module):

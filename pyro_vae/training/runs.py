@@ -86,7 +86,9 @@ def check_run_dir(run_dir: Path, cfg: Config, resume: bool, overwrite: bool) -> 
         if not (run_dir / CHECKPOINT_FILE).is_file() or not (run_dir / CONFIG_FILE).is_file():
             raise CheckpointError(f"cannot resume: {run_dir} holds no {CHECKPOINT_FILE} and "
                                   f"{CONFIG_FILE}")
-        differences = _config_differences(Config.load(run_dir / CONFIG_FILE), cfg)
+        saved = Config.load(run_dir / CONFIG_FILE)
+        require_plugins(saved.run.plugins, f"run {run_dir}")
+        differences = _config_differences(saved, cfg)
         if differences:
             raise CheckpointError(f"cannot resume {run_dir} with a different config: "
                                   f"{'; '.join(differences)}")
