@@ -134,10 +134,16 @@ class TrainConfig:
     """The optimisation: objective, estimator, optimizer, schedule, bookkeeping."""
 
     estimator: str = option("reparam", "gradient estimator of the ELBO", choices=_estimator_names)
-    num_particles: int = option(1, "samples of z per data point in each gradient estimate",
-                                check=_positive, need="> 0")
+    num_particles: int = option(0, "samples of z per data point in each gradient estimate (0: "
+                                   "the estimator's default, 1, or 5 for iwae)",
+                                check=_non_negative, need=">= 0")
     epochs: int = option(10, "number of passes over the training set", check=_positive,
                          need="> 0")
+    beta: float = option(1.0, "weight of the KL term (a poutine.scale on the latent sites); "
+                              "reported ELBOs stay the true ELBO", check=_positive, need="> 0")
+    kl_warmup_epochs: int = option(0, "raise the KL weight linearly from near 0 to --beta over "
+                                      "this many epochs (0: no warm-up)",
+                                   check=_non_negative, need=">= 0")
     batch_size: int = option(128, "images per minibatch", check=_positive, need="> 0")
     lr: float = option(1e-3, "Adam learning rate", check=_positive, need="> 0")
     encoder_lr_scale: float = option(0.0, "the encoder's Adam rate is lr times this (0: the "

@@ -47,9 +47,13 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, type=type(default), metavar=f.name.upper(), **kwargs)
 
 
-def config_from_args(args: argparse.Namespace) -> Config:
-    """The config file (if any) overridden by the flags given on the command line."""
-    cfg = Config.load(args.config) if getattr(args, "config", None) else Config()
+def config_from_args(args: argparse.Namespace, base: Config | None = None) -> Config:
+    """The config file (if any, else ``base`` or the defaults) overridden by the flags given on
+    the command line."""
+    if base is not None:
+        cfg = base
+    else:
+        cfg = Config.load(args.config) if getattr(args, "config", None) else Config()
     overrides: dict[str, dict] = {}
     for key, value in vars(args).items():
         if "." in key:
@@ -62,16 +66,46 @@ def config_from_args(args: argparse.Namespace) -> Config:
 def _add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, metavar="RUN_DIR",
                    help="run folder: config.toml, metrics.jsonl, checkpoint.pt, figures")
-    p.add_argument("--resume", action="store_true", help="continue the run in RUN_DIR")
+    p.add_argument("--resume", action="store_true", help="continue the run in RUN_DIR with its "
+                   "saved config; flags may change only what may differ between a run and its "
+                   "continuation (--epochs, --threads, --device, --progress, ...)")
     p.add_argument("--overwrite", action="store_true", help="replace a run already in RUN_DIR")
     p.add_argument("--no-figures", action="store_true", help="skip the PNG figures at the end")
     add_config_flags(p)
 
 
+def _resume_config(args: argparse.Namespace) -> Config:
+    """``--resume``: the run's own config.toml, with the flags given here applied on top. Only
+    settings that may change between a run and its continuation are accepted (a flag that
+    repeats the saved value is fine)."""
+    from pathlib import Path
+
+    from ..errors import CheckpointError, ConfigError
+    from ..registry import require_plugins
+    from ..training.runs import CHECKPOINT_FILE, CONFIG_FILE, RESUMABLE_KEYS
+
+    path = Path(args.out) / CONFIG_FILE
+    if not path.is_file():
+        raise CheckpointError(f"cannot resume: {args.out} holds no {CHECKPOINT_FILE} and "
+                              f"{CONFIG_FILE}")
+    saved = Config.load(path)
+    require_plugins(saved.run.plugins, f"run {args.out}")
+    base = Config.load(args.config, base=saved) if getattr(args, "config", None) else saved
+    cfg = config_from_args(args, base=base)
+    for key in [k for k in vars(args) if "." in k]:
+        section, name = key.split(".", 1)
+        old, new = getattr(getattr(saved, section), name), getattr(getattr(cfg, section), name)
+        if (section, name) not in RESUMABLE_KEYS and old != new:
+            flag = "--" + name.replace("_", "-")
+            raise ConfigError(f"{flag} cannot change when resuming (the run has {old!r}, "
+                              f"{flag} asks for {new!r}); drop it, or start a new run")
+    return cfg
+
+
 def _run_train(args: argparse.Namespace) -> int:
     from .train import train
 
-    cfg = config_from_args(args)
+    cfg = _resume_config(args) if args.resume and not args.overwrite else config_from_args(args)
     result = train(cfg, args.out, resume=args.resume, overwrite=args.overwrite,
                    figures=not args.no_figures)
     if result.interrupted:
@@ -80,7 +114,10 @@ def _run_train(args: argparse.Namespace) -> int:
         return 130
     last = result.metrics[-1] if result.metrics else {}
     if last:
-        print(f"epoch {last['epoch']}: train ELBO {last['train_elbo']:.2f}, test ELBO "
+        train = (f"train ELBO {last['train_elbo']:.2f}" if "train_elbo" in last
+                 else f"train {last.get('objective', 'objective')} "
+                      f"{last.get('train_objective', float('nan')):.2f}")
+        print(f"epoch {last['epoch']}: {train}, test ELBO "
               f"{last['test_elbo']:.2f} nats/image; outputs in {args.out}")
     return 0
 
@@ -341,6 +378,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _command_list() -> str:
+    width = max(len(name) for name in COMMANDS)
+    lines = ["usage: pyro-vae [--plugin MODULE] [--verbose] COMMAND [options]", "",
+             "commands:"]
+    lines += [f"  {name:<{width}}  {help_text}" for name, (help_text, _, _) in COMMANDS.items()]
+    lines += ["", "pyro-vae COMMAND --help lists a command's options; pyro-vae --version prints "
+              "the version."]
+    return "\n".join(lines)
+
+
 def _plugins_in(argv: list[str]) -> list[str]:
     """The ``--plugin`` values of a command line, read before the parser is built: the
     registries they fill decide the choices of ``--prior``, ``--encoder`` and the others."""
@@ -368,6 +415,9 @@ def main(argv: list[str] | None = None) -> int:
     from ..registry import load_entry_point_plugins, load_plugin
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv:  # a bare pyro-vae: what it can do, one line each
+        print(_command_list())
+        return 0
     try:
         load_entry_point_plugins()
         for module in _plugins_in(argv):

@@ -207,22 +207,22 @@ class IWAE_ELBO(ELBO):
 
 
 def _trace_elbo(cfg: Config) -> ELBO:
-    return Trace_ELBO(num_particles=cfg.train.num_particles, vectorize_particles=True,
+    return Trace_ELBO(num_particles=cfg.train.num_particles or 1, vectorize_particles=True,
                       max_plate_nesting=1)
 
 
 def _mean_field_elbo(cfg: Config) -> ELBO:
-    return TraceMeanField_ELBO(num_particles=cfg.train.num_particles, vectorize_particles=True,
+    return TraceMeanField_ELBO(num_particles=cfg.train.num_particles or 1, vectorize_particles=True,
                                max_plate_nesting=1)
 
 
 def _tracegraph_elbo(cfg: Config) -> ELBO:
     # Not vectorized: the baselines have one slot per batch position, not per (particle, image).
-    return TraceGraph_ELBO(num_particles=cfg.train.num_particles, max_plate_nesting=1)
+    return TraceGraph_ELBO(num_particles=cfg.train.num_particles or 1, max_plate_nesting=1)
 
 
 def _iwae_elbo(cfg: Config) -> ELBO:
-    return IWAE_ELBO(num_particles=cfg.train.num_particles)
+    return IWAE_ELBO(num_particles=cfg.train.num_particles or ESTIMATORS["iwae"].default_particles)
 
 
 # -- the same surrogates as functions of one draw (for vectorized variance measurement) -----------
@@ -322,6 +322,7 @@ class Estimator:
             be a diagonal Normal.
         min_particles: smallest useful ``--num-particles`` (2 for the importance-weighted bound,
             which with one particle is the plain ELBO).
+        default_particles: the particles used when ``--num-particles`` is 0 (the default).
         encoder_lr_scale: the encoder's Adam learning rate is ``--lr`` times this. Adam takes
             steps of about ``lr`` per parameter whatever the gradient's noise, so an encoder
             gradient with a signal-to-noise ratio near 0.025 (plain REINFORCE, measured in
@@ -340,6 +341,7 @@ class Estimator:
     baseline: str | None = None
     needs_closed_form_kl: bool = False
     min_particles: int = 1
+    default_particles: int = 1
     encoder_lr_scale: float = 1.0
 
     @property
@@ -353,6 +355,8 @@ class Estimator:
             if not PRIORS[cfg.model.prior].closed_form_kl:
                 raise ConfigError(f"estimator {self.name} needs a closed-form KL, which prior "
                                   f"{cfg.model.prior} does not have; use --estimator reparam")
+        if cfg.train.num_particles == 0:  # the estimator's own default, recorded in the config
+            cfg.train.num_particles = self.default_particles
         if cfg.train.num_particles < self.min_particles:
             raise ConfigError(f"estimator {self.name} needs --num-particles >= "
                               f"{self.min_particles}, got {cfg.train.num_particles} (with one "
@@ -390,6 +394,8 @@ ESTIMATORS.update({
         make_modules=_nn_baseline_modules, draw_loss=_draw_score, surrogate="score-function",
         baseline="nn"),
     "iwae": Estimator(
-        "iwae", "importance-weighted bound with K = --num-particles samples, reparametrized",
-        _iwae_elbo, draw_loss=_draw_iwae, surrogate="importance-weighted", min_particles=2),
+        "iwae", "importance-weighted bound with K = --num-particles samples (default 5), "
+                "reparametrized",
+        _iwae_elbo, draw_loss=_draw_iwae, surrogate="importance-weighted", min_particles=2,
+        default_particles=5),
 })

@@ -130,7 +130,7 @@ def variance_experiment(cfg: Any, dataset: Any, estimators: Sequence[str] = (
             log(f"measuring {run_name} step {step} (latent dim {latent_dim}, batch {size})")
             result = measure_gradient_variance(
                 vae, x, estimators, num_draws=num_draws, oracle_draws=oracle_draws,
-                num_particles=cfg.train.num_particles, train_scale=train_scale, seed=seed,
+                num_particles=cfg.train.num_particles or 1, train_scale=train_scale, seed=seed,
                 precision=precision)
             rows.append({"run": run_name, "latent_dim": latent_dim, "batch_size": size,
                          "step": step, **result})

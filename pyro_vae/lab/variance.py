@@ -15,9 +15,10 @@ Gradients are of the per-image negative ELBO (Pyro's surrogate divided by the ba
 
 Speed: each estimator's :attr:`~pyro_vae.inference.estimators.Estimator.draw_loss` is its Pyro
 surrogate written as a function of one draw of noise; ``torch.func.vmap(torch.func.grad(...))``
-over a chunk of draws gives all their gradients at once, and the encoder's forward pass (the same for
-every draw, since x is fixed) is computed once per chunk instead of once per draw. The result
-equals a loop over Pyro's ``loss_and_grads`` draw for draw (tests/test_variance.py).
+over a chunk of draws gives all their gradients at once, and the encoder's forward pass (the
+same for every draw, since x is fixed) is computed once per chunk instead of once per draw.
+Each such path is used only where a probe draw equals Pyro's ``loss_and_grads`` on the same
+noise (:func:`choose_draws`); the tests compare them draw for draw.
 """
 
 from __future__ import annotations
@@ -429,7 +430,8 @@ def _probe(draw: Any, vae: VAE, estimator: Estimator, x: torch.Tensor,
 
 
 def choose_draws(vae: VAE, estimator: Estimator, x: torch.Tensor, num_particles: int,
-                 baseline: torch.Tensor | None, method: str = "auto") -> PathChoice:
+                 baseline: torch.Tensor | None, method: str = "auto",
+                 what: str | None = None) -> PathChoice:
     """Which path computes the estimator's gradient draws at this checkpoint, and why.
 
     ``hand`` (:class:`~pyro_vae.inference.accelerators.MLPGradients`) where the program has the
@@ -437,7 +439,7 @@ def choose_draws(vae: VAE, estimator: Estimator, x: torch.Tensor, num_particles:
     where the guide is one diagonal-Normal site, else ``generic`` (Pyro per draw); each
     accelerated path is held to Pyro's ``loss_and_grads`` on a probe draw first.
     """
-    what = f"gradient draws ({estimator.name})"
+    what = what or f"gradient draws ({estimator.name})"
     params = measured_parameters(vae)
     if method == "pyro":
         return record(PathChoice(what, GENERIC, "asked for (method pyro)"))
@@ -494,7 +496,10 @@ def gradient_draws(vae: VAE, estimator: Estimator | str, x: torch.Tensor, num_dr
 
     Every draw is defined by Pyro's ``loss_and_grads`` on ``vae.model`` and the estimator's
     guide; ``method`` picks how it is computed (all give the same gradients for the same
-    noise, and an accelerated path is used only after a probe draw agrees with Pyro's):
+    noise, and an accelerated path is used only after a probe draw agrees with Pyro's). The
+    accelerated paths draw a chunk's noise in one call, which takes other numbers from the
+    RNG stream than Pyro's one call per draw: with ``chunk_size=1`` the draws are Pyro's
+    draw for draw, otherwise they are other, equally distributed draws.
 
     * ``"hand"``: the backward pass written out for MLP networks, a diagonal-Normal guide, a
       Bernoulli likelihood and the N(0, I) prior
@@ -564,12 +569,11 @@ def oracle_gradient(vae: VAE, x: torch.Tensor, num_draws: int, chunk_size: int =
     analytic = ESTIMATORS["analytic-kl"]
     with torch.autocast(x.device.type, enabled=False):
         try:
-            choice = choose_draws(vae, analytic, x, 1, None, "hand")
+            choice = choose_draws(vae, analytic, x, 1, None, "hand",
+                                  what="oracle (closed-form KL, antithetic pairs)")
         except ConfigError as e:
             choice = PathChoice("oracle", GENERIC, str(e))
     if choice.path == "hand":
-        choice = record(PathChoice("oracle", "hand", "closed-form KL, antithetic pairs; "
-                                   + choice.reason))
         hand = MLPGradients(vae, analytic, x, dtype=DTYPES[precision])
         shape = (1, x.shape[0], latent_dim)
         # pairs, then (odd num_draws) one draw without a partner

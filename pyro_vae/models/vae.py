@@ -10,11 +10,13 @@ returning p(z) (:mod:`pyro_vae.models.priors`) and the estimator decides how the
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 import pyro
 import torch
+from pyro import poutine
 from torch import nn
 
 from ..registry import ESTIMATORS
@@ -55,6 +57,10 @@ class VAE(nn.Module):
         self.prior = prior
         self.estimator = estimator if estimator is not None else ESTIMATORS["reparam"]
         self.estimator_modules = nn.ModuleDict(estimator_modules or {})
+        #: Weight of the latent sites (beta, KL annealing): log p(z) and log q(z|x) are scaled
+        #: by it through ``poutine.scale``, so the objective is E[log p(x|z)] - weight * KL.
+        #: The trainer sets it per step; 1 leaves the program unscaled.
+        self.kl_weight = 1.0
 
     @classmethod
     def from_config(cls, cfg: Config, image_shape: tuple[int, int, int]) -> VAE:
@@ -79,7 +85,8 @@ class VAE(nn.Module):
         pyro.module("decoder", self.decoder)
         pyro.module("prior", self.prior)
         with self.data_plate(x, num_data):
-            z = pyro.sample("z", self.prior())
+            with self.latent_weight():
+                z = pyro.sample("z", self.prior())
             pyro.sample("x", self.decoder(z), obs=x)
 
     def guide(self, x: torch.Tensor, num_data: int | None = None) -> None:
@@ -90,7 +97,16 @@ class VAE(nn.Module):
         with self.data_plate(x, num_data):
             q = self.estimator.posterior(self.encoder(x))
             scale = num_data / x.shape[0] if num_data is not None else 1.0
-            pyro.sample("z", q, infer=self.estimator.site_infer(self.estimator_modules, x, scale))
+            with self.latent_weight():
+                pyro.sample("z", q,
+                            infer=self.estimator.site_infer(self.estimator_modules, x, scale))
+
+    def latent_weight(self) -> contextlib.AbstractContextManager:
+        """``poutine.scale(kl_weight)`` around the latent sites of the model and the guide (the
+        beta-VAE objective of Higgins et al. 2017; annealed from near 0 to 1 it is the KL
+        warm-up of Bowman et al. 2016 and Sønderby et al. 2016), or nothing when it is 1."""
+        weight = float(self.kl_weight)
+        return poutine.scale(scale=weight) if weight != 1.0 else contextlib.nullcontext()
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:

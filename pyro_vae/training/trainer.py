@@ -37,6 +37,7 @@ from ..data import (
 )
 from ..errors import CheckpointError, ConfigError, PyroVAEError, TrainingError
 from ..inference.accelerators import PathChoice, choose_training_loss
+from ..inference.program import inspect_program
 from ..inference.precision import keep_float32_outputs, precision_context
 from ..metrics.elbo import elbo_per_image
 from ..models.vae import VAE
@@ -172,6 +173,10 @@ class Trainer:
                 if name not in vae.estimator_modules:
                     vae.estimator_modules[name] = module
         self.vae = vae.to(self.device)
+        self.estimator = estimator
+        self.steps_per_epoch = len(self.dataset.train) // (cfg.train.batch_size
+                                                           * self.workers.world_size)
+        self.vae.kl_weight = self.kl_weight(1)  # the structure the first step will have
         self.elbo = estimator.make_elbo(cfg)
         self.optimizer = adam(self._param_groups(cfg), cfg.train.lr, self.device)
         if cfg.train.precision != "float32":
@@ -186,6 +191,13 @@ class Trainer:
                                                  len(self.dataset.train), self.workers.rank,
                                                  self.workers.world_size)
         self.paths: list[PathChoice] = [choice]
+        # a poutine.scale of the user's own (not the KL weight) makes the objective another one
+        self.vae.kl_weight = 1.0
+        structure = inspect_program(self.vae, probe[:2], len(self.dataset.train))
+        self._program_scale = next((f"site {s.name!r} scaled by {s.extra_scale:g}"
+                                    for s in (*structure.guide_sites, *structure.model_sites)
+                                    if s.extra_scale != 1.0), None)
+        self.vae.kl_weight = self.kl_weight(1)
         self.loss_module = None
         if self.fast is not None or self.workers.active:
             if self.fast is None and not hasattr(self.elbo, "differentiable_loss"):
@@ -303,9 +315,28 @@ class Trainer:
             loss.backward()
         return loss.item()
 
+    def kl_weight(self, step: int) -> float:
+        """The weight of the latent sites at ``step`` (counted from 1): ``--beta``, ramped up
+        linearly over ``--kl-warmup-epochs`` (a function of the step, so resuming repeats it)."""
+        beta, warmup = self.cfg.train.beta, self.cfg.train.kl_warmup_epochs * self.steps_per_epoch
+        return beta * min(1.0, step / warmup) if warmup else beta
+
+    def objective(self, first_step: int, last_step: int) -> str:
+        """The name of the objective trained between two steps: ``elbo`` when it is the ELBO."""
+        if self.estimator.surrogate == "importance-weighted":
+            return f"iwae bound (K={self.cfg.train.num_particles})"
+        if self._program_scale is not None:
+            return f"scaled objective ({self._program_scale} in the program)"
+        low, high = self.kl_weight(first_step), self.kl_weight(last_step)
+        if low == high == 1.0:
+            return "elbo"
+        return f"beta-elbo (KL weight {low:.3g})" if low == high else \
+            f"beta-elbo (KL weight {low:.3g} to {high:.3g})"
+
     def step(self, x: torch.Tensor) -> float | None:
         """One SVI step on minibatch ``x``; returns the loss, or None if it was skipped."""
         num_data = len(self.dataset.train)
+        self.vae.kl_weight = self.kl_weight(self.global_step + 1)
         try:
             loss = self._loss_and_grads(x, num_data)
         except ValueError as e:
@@ -355,6 +386,12 @@ class Trainer:
 
     def run(self, stop: _StopRequest | None = None) -> bool:
         """Train until ``cfg.train.epochs``; returns False if interrupted by a stop request."""
+        try:
+            return self._run(stop)
+        finally:
+            self.vae.kl_weight = 1.0  # the trained model is handed back unscaled
+
+    def _run(self, stop: _StopRequest | None) -> bool:
         from tqdm.auto import tqdm
 
         train = self.dataset.train.images
@@ -382,8 +419,14 @@ class Trainer:
                 bar.update()
             bar.close()
             good = num_batches - self._epoch_bad
+            objective = self.objective(self.global_step - num_batches + 1, self.global_step)
+            train_value = -self._epoch_loss / good if good else math.nan
+            # train_elbo only when the objective is the ELBO; test and validation ELBOs are
+            # always the true ELBO (unscaled densities, pyro_vae.metrics)
             record = {"epoch": self.epoch + 1, "step": self.global_step,
-                      "train_elbo": -self._epoch_loss / good if good else math.nan,
+                      **({"train_elbo": train_value} if objective == "elbo" else {}),
+                      "train_objective": train_value, "objective": objective,
+                      "kl_weight": self.kl_weight(self.global_step),
                       **self.evaluate(),
                       "seconds": self._epoch_seconds + time.perf_counter() - start,
                       "bad_steps": self._epoch_bad}

@@ -69,9 +69,15 @@ def record(choice: PathChoice) -> PathChoice:
 
 
 # -- structure requirements shared by the accelerators --------------------------------------------
-def one_latent_problem(structure: ProgramStructure) -> str | None:
+def one_latent_problem(structure: ProgramStructure, latent_scale: float | None = 1.0
+                       ) -> str | None:
     """Why the program is not ``z ~ q(z|x)`` / ``z ~ p(z), x ~ p(x|z)`` in one data plate, with
-    no extra scale or mask, or None if it is."""
+    no mask, or None if it is.
+
+    ``latent_scale``: the extra scale (a ``poutine.scale``) the latent sites of the model and
+    the guide must both carry, the observed site none; None accepts any scale (for
+    computations that use the unscaled densities, such as the log-likelihood).
+    """
     guide, latents, observed = (structure.guide_sites, structure.latent_sites,
                                 structure.observed_sites)
     if len(guide) != 1:
@@ -81,8 +87,10 @@ def one_latent_problem(structure: ProgramStructure) -> str | None:
     if len(observed) != 1:
         return f"the model has {len(observed)} observed sites, not one"
     for site in (*guide, *structure.model_sites):
-        if site.extra_scale != 1.0:
-            return f"site {site.name!r} is scaled by {site.extra_scale:g} (a poutine.scale)"
+        want = 1.0 if site.observed else latent_scale
+        if want is not None and site.extra_scale != want:
+            return (f"site {site.name!r} is scaled by {site.extra_scale:g} (a poutine.scale)"
+                    + (f", not {want:g}" if want != 1.0 else ""))
         if site.masked:
             return f"site {site.name!r} is masked"
         if len(site.plates) != 1:

@@ -185,7 +185,7 @@ def choose_log_weights(vae: VAE, x: torch.Tensor, precision: str, compile: bool,
         return None, record(PathChoice(what, GENERIC, reason))
 
     structure = inspect_program(vae, x[:2])
-    problem = one_latent_problem(structure)
+    problem = one_latent_problem(structure, latent_scale=None)  # log p(x) is unscaled
     if problem is None:
         problem = diagonal_normal_problem(structure.guide_sites[0], exact=False)
     if problem is None:
@@ -198,15 +198,17 @@ def choose_log_weights(vae: VAE, x: torch.Tensor, precision: str, compile: bool,
         problem = "the observations are not binary"
     if problem is not None:
         return fallback(problem)
-    probe = BernoulliMLPWeights(vae, "float32", compile=False)
-    x1 = x[:1]
-    q = vae.encoder(x1)
-    with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
-        torch.manual_seed(PROBE_SEED)
-        want = generic(x1, probe_samples)
-        torch.manual_seed(PROBE_SEED)  # the guide's rsample draws exactly this noise
-        eps = torch.randn(1, probe_samples, q.event_shape[0], device=x.device, dtype=x.dtype)
-    got = probe(x1, q.base_dist.loc, q.base_dist.scale, eps)[0]
+    with torch.no_grad():
+        probe = BernoulliMLPWeights(vae, "float32", compile=False)
+        x1 = x[:1]
+        q = vae.encoder(x1)
+        with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+            torch.manual_seed(PROBE_SEED)
+            want = generic(x1, probe_samples)
+            torch.manual_seed(PROBE_SEED)  # the guide's rsample draws exactly this noise
+            eps = torch.randn(1, probe_samples, q.event_shape[0], device=x.device,
+                              dtype=x.dtype)
+        got = probe(x1, q.base_dist.loc, q.base_dist.scale, eps)[0]
     error = float((got - want).abs().max())
     if not error <= 1e-3 + 1e-5 * float(want.abs().max()):
         return fallback(f"the probe's log-weights differ from the traces' by {error:.3g} nats")

@@ -89,6 +89,7 @@ class FastELBO(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         vae = self.vae
+        weight = float(getattr(vae, "kl_weight", 1.0))  # the latent sites' poutine.scale
         # Argument validation happens once per distribution in Pyro's path too; here the
         # trainer checks the loss and gradients for non-finite values instead.
         with dist.validation_enabled(False):
@@ -104,12 +105,12 @@ class FastELBO(nn.Module):
             prior = vae.prior()
             if self.analytic_kl:
                 kl = kl_divergence(q, prior).sum()
-                elbo = log_px.sum() / self.num_particles - kl
+                elbo = log_px.sum() / self.num_particles - weight * kl
             else:
                 # log q(z|x) at z = loc + scale * eps, written with eps (same value and gradient
                 # as Normal.log_prob(z), one division fewer).
                 log_qz = -(0.5 * eps.square() + scale.log()).sum(-1) - loc.shape[-1] * _HALF_LOG_2PI
-                elbo = (log_px + prior.log_prob(z) - log_qz).sum() / self.num_particles
+                elbo = (log_px + weight * (prior.log_prob(z) - log_qz)).sum() / self.num_particles
         scale_factor = 1.0 if self.num_data is None else self.num_data / x.shape[0]
         return -elbo * scale_factor
 
@@ -177,7 +178,7 @@ def choose_training_loss(cfg: Config, vae: VAE, estimator: Estimator, x: torch.T
         return generic(f"estimator {estimator.name} has a {estimator.surrogate} surrogate")
     probe = x[:PROBE_IMAGES]
     structure = inspect_program(vae, probe, num_data)
-    problem = one_latent_problem(structure)
+    problem = one_latent_problem(structure, latent_scale=float(getattr(vae, "kl_weight", 1.0)))
     if problem is None:
         site = structure.guide_sites[0]
         problem = (diagonal_normal_problem(site) or infer_problem(site)
@@ -186,15 +187,18 @@ def choose_training_loss(cfg: Config, vae: VAE, estimator: Estimator, x: torch.T
     if problem is not None:
         return generic(problem)
     analytic = SURROGATES[estimator.surrogate]
-    check = FastELBO(vae, num_data, cfg.train.num_particles, analytic_kl=analytic)
+    particles = cfg.train.num_particles or 1
+    check = FastELBO(vae, num_data, particles, analytic_kl=analytic)
     try:
         problem = _verify(check, estimator.make_elbo(cfg), vae, probe, num_data)
     except Exception as e:  # noqa: BLE001 - an ELBO or program the probe cannot run: Pyro decides
         problem = f"the probe failed ({type(e).__name__}: {str(e)[:80]})"
     if problem is not None:
         return generic(problem)
-    fast = FastELBO(vae, num_data, cfg.train.num_particles, analytic_kl=analytic, rank=rank,
+    fast = FastELBO(vae, num_data, particles, analytic_kl=analytic, rank=rank,
                     world_size=world_size)
+    weighted = ", latent sites scaled by the KL weight" if structure.guide_sites[0].extra_scale \
+        != 1.0 else ""
     return fast, record(PathChoice(
-        what, "FastELBO", f"one diagonal-Normal latent, pathwise; loss and gradients equal "
-        f"{elbo_name} on a probe"))
+        what, "FastELBO", f"one diagonal-Normal latent, pathwise{weighted}; loss and gradients "
+        f"equal {elbo_name} on a probe"))
