@@ -146,6 +146,17 @@ class TrainConfig:
                                    check=_non_negative, need=">= 0")
     batch_size: int = option(128, "images per minibatch", check=_positive, need="> 0")
     lr: float = option(1e-3, "Adam learning rate", check=_positive, need="> 0")
+    lr_schedule: str = option("constant", "learning-rate schedule over the epochs: constant, "
+                                          "cosine (to 0 at --epochs), or step (x --lr-gamma "
+                                          "every --lr-step-epochs)",
+                              choices=["constant", "cosine", "step"])
+    lr_step_epochs: int = option(10, "epochs between steps of --lr-schedule step",
+                                 check=_positive, need="> 0")
+    lr_gamma: float = option(0.5, "factor of each step of --lr-schedule step",
+                             check=_positive, need="> 0")
+    early_stop_patience: int = option(0, "stop when the validation ELBO has not improved for "
+                                         "this many epochs (0: off; needs --val-fraction)",
+                                      check=_non_negative, need=">= 0")
     encoder_lr_scale: float = option(0.0, "the encoder's Adam rate is lr times this (0: the "
                                           "estimator's default: 0.1 for score, 1 otherwise)",
                                      check=_non_negative, need=">= 0")
@@ -158,6 +169,11 @@ class TrainConfig:
                               check=_non_negative, need=">= 0")
     max_bad_steps: int = option(10, "stop after this many steps with a non-finite loss or "
                                     "gradient (each is skipped)", check=_positive, need="> 0")
+    tensorboard: bool = option(False, "also write TensorBoard events to RUN_DIR/tensorboard "
+                                      "(needs pip install 'pyro-vae[tensorboard]')")
+    tensorboard_images_every: int = option(5, "epochs between the sample and reconstruction "
+                                              "images written with --tensorboard (0: none)",
+                                           check=_non_negative, need=">= 0")
     progress: bool = option(True, "show a progress bar (only when stderr is a terminal)")
     fast_path: bool = option(True, "compute the reparametrized ELBO without Pyro's tracing "
                                    "where that gives Trace_ELBO's gradients (see "
@@ -275,6 +291,9 @@ class Config:
         return self
 
     def _validate_combinations(self) -> None:
+        if self.train.early_stop_patience and not self.data.val_fraction:
+            raise ConfigError("train.early_stop_patience needs a validation split: set "
+                              "data.val_fraction, e.g. 0.1")
         registry.ESTIMATORS[self.train.estimator].check_config(self)
         registry.LIKELIHOODS[self.model.likelihood].check_config(self)
         registry.PRIORS[self.model.prior].check_config(self)
@@ -283,7 +302,7 @@ class Config:
             import torch
             if not torch.cuda.is_available():
                 raise ConfigError("train.device = 'cuda' but no CUDA device is available; "
-                                  "use --device cpu or auto")
+                                  "use train.device=\"cpu\" or \"auto\"")
 
 
 def _coerce(name: str, value: Any, f: dataclasses.Field) -> Any:

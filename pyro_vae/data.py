@@ -181,8 +181,9 @@ def _torchvision_loader(name: str, cls_name: str) -> Callable[[DataConfig], Arra
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise DataError(
                 f"could not load or download {name} into {root} ({reason}); without a network, "
-                f"put its IDX files (train-images-idx3-ubyte.gz etc.) in a folder and pass "
-                f"--data-dir FOLDER, or use --dataset mnist-5k (embedded, offline)") from None
+                f"put its IDX files (train-images-idx3-ubyte.gz etc.) in a folder and set "
+                f"data.data_dir to it, or use data.dataset=\"mnist-5k\" (embedded, offline)"
+            ) from None
         return (train.data.numpy(), train.targets.numpy(), test.data.numpy(),
                 test.targets.numpy())
 
@@ -273,8 +274,8 @@ def load_dataset(cfg: DataConfig) -> Dataset:
     if cfg.dataset not in DATASETS:
         raise DataError(f"unknown dataset {cfg.dataset!r}; choose one of: {', '.join(DATASETS)}")
     if cfg.data_dir and cfg.dataset == "mnist-5k":
-        raise DataError("--data-dir does not apply to the embedded dataset mnist-5k; "
-                        "pass --dataset mnist, fashion-mnist or kmnist with it")
+        raise DataError("data.data_dir does not apply to the embedded dataset mnist-5k; "
+                        "set data.dataset to mnist, fashion-mnist or kmnist with it")
     train_x, train_y, test_x, test_y = DATASETS[cfg.dataset](cfg)
     if train_x.shape[1:] != test_x.shape[1:]:
         raise DataError(f"{cfg.dataset}: train images are {train_x.shape[1:]} but test images "

@@ -513,8 +513,8 @@ def main(argv: list[str] | None = None) -> int:
                     f"choose another --out")
     taken = [out / g for g in GUIDES if (out / g).is_dir() and any((out / g).iterdir())]
     if taken and not args.overwrite:
-        return fail(f"{taken[0]} already holds a run; pass --overwrite to replace it or choose "
-                    f"another --out")
+        return fail(f"{taken[0]} is not empty; pass --overwrite to replace the run there or "
+                    f"choose another --out")
     start = time.perf_counter()
     torch.set_num_threads(args.threads)
     out.mkdir(parents=True, exist_ok=True)

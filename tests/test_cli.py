@@ -44,7 +44,7 @@ def test_train_end_to_end_from_the_command_line(tmp_path):
 
 
 @pytest.mark.parametrize("args, needle", [
-    (["--lr", "-1"], "train.lr = -1.0 is invalid: must be > 0"),
+    (["--lr", "-1"], "--lr -1.0 is invalid: must be > 0"),
     (["--dataset", "cifar10"], "unknown dataset 'cifar10'"),
     (["--likelihood", "poisson"], "unknown likelihood 'poisson'"),
     (["--epochs", "three"], "argument --epochs: invalid int value: 'three'"),

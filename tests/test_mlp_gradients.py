@@ -11,7 +11,8 @@ from pyro_vae.inference.accelerators.mlp_gradients import (
     SUPPORTED,
     MLPGradients,
     unsupported_reason,
-)from pyro_vae.lab.variance import (
+)
+from pyro_vae.lab.variance import (
     gradient_draws,
     measure_gradient_variance,
     oracle_gradient,

@@ -106,6 +106,8 @@ def _run_train(args: argparse.Namespace) -> int:
     from .train import train
 
     cfg = _resume_config(args) if args.resume and not args.overwrite else config_from_args(args)
+    if args.quiet:
+        cfg.train.progress = False
     result = train(cfg, args.out, resume=args.resume, overwrite=args.overwrite,
                    figures=not args.no_figures)
     if result.interrupted:
@@ -162,7 +164,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     result = evaluate_run(args.run_dir, args.split, args.num_samples, args.limit,
                           args.batch_size, args.chunk_size, args.num_particles, args.seed,
                           _EVAL_PRECISION[args.precision], out=args.out, overwrite=args.overwrite,
-                          device=args.device, workers=args.workers)
+                          device=args.device, workers=args.workers, progress=not args.quiet)
     print(format_evaluation(result))
     return 0
 
@@ -362,6 +364,8 @@ def _add_global_options(parser: argparse.ArgumentParser, top: bool) -> None:
     parser.add_argument("--verbose", action="store_true", default=False if top else default,
                         help="print which computation path (accelerator or generic Pyro) each "
                         "computation takes, and why")
+    parser.add_argument("--quiet", action="store_true", default=False if top else default,
+                        help="no progress bars or progress lines; only results and errors")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -400,15 +404,54 @@ def _plugins_in(argv: list[str]) -> list[str]:
     return modules
 
 
-def _show_paths() -> None:
+def _setup_logging(verbose: bool, quiet: bool) -> None:
+    """The command line's stderr: progress lines (unless --quiet), path choices (--verbose),
+    warnings of the package; none of torch's messages a user cannot act on."""
     import logging
 
-    from ..inference.accelerators import LOG
+    from ..inference.accelerators import LOG as PATHS
+    from ..progress import LOG as PROGRESS
 
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("pyro-vae: path: %(message)s"))
-    LOG.addHandler(handler)
-    LOG.setLevel(logging.INFO)
+    for logger, prefix, on in ((PATHS, "pyro-vae: path: ", verbose),
+                               (PROGRESS, "pyro-vae: ", not quiet)):
+        if on and not logger.handlers:
+            handler = logging.StreamHandler(sys.stderr)
+            handler.setFormatter(logging.Formatter(prefix + "%(message)s"))
+            logger.addHandler(handler)
+            logger.setLevel(logging.INFO)
+            logger.propagate = False
+    # "No CUDA runtime is found, using CUDA_HOME=..." when torch.compile builds a CPU kernel
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+
+
+#: Python argument names of the run-level functions (evaluate_run, sample_run, score_run,
+#: variance_experiment) that the commands expose as flags of the same name.
+_COMMAND_ARGUMENTS = ("num_samples", "num_particles", "batch_size", "chunk_size", "workers",
+                      "num_images", "num_pairs", "steps", "limit", "num_draws", "oracle_draws",
+                      "measure_batch", "checkpoints", "threshold", "precision", "projection",
+                      "split", "method")
+
+
+def for_the_command_line(message: str) -> str:
+    """An error message of the Python API with its argument names turned into flags:
+    ``train.lr`` -> ``--lr``, ``data.binarize="none"`` -> ``--binarize none``,
+    ``overwrite=True`` -> ``--overwrite``, ``run_dir`` -> ``--out`` (train), ``num_samples``
+    -> ``--num-samples``."""
+    import re
+
+    def flag(name: str) -> str:
+        return "--" + name.replace("_", "-")
+
+    message = re.sub(r"\b(?:data|model|train)\.(\w+)=\"?([\w.+-]+)\"?",
+                     lambda m: f"{flag(m.group(1))} {m.group(2)}", message)
+    message = re.sub(r"\b(?:data|model|train)\.(\w+) = ", lambda m: f"{flag(m.group(1))} ",
+                     message)
+    message = re.sub(r"\b(?:data|model|train)\.(\w+)\b", lambda m: flag(m.group(1)), message)
+    message = re.sub(r"\b(resume|overwrite)=True\b", lambda m: flag(m.group(1)), message)
+    message = re.sub(r"\banother run_dir\b", "another --out", message)
+    names = "|".join(_COMMAND_ARGUMENTS)
+    return re.sub(rf"(?<![\w.-])({names})(?= must| =|\b is\b)",
+                  lambda m: flag(m.group(1)), message)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -429,12 +472,11 @@ def main(argv: list[str] | None = None) -> int:
     from ..runtime import reuse_freed_memory
 
     reuse_freed_memory()
-    if args.verbose:
-        _show_paths()
+    _setup_logging(args.verbose, args.quiet)
     try:
         return COMMANDS[args.command][2](args)
     except PyroVAEError as e:
-        print(f"pyro-vae: error: {e}", file=sys.stderr)
+        print(f"pyro-vae: error: {for_the_command_line(str(e))}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("pyro-vae: interrupted", file=sys.stderr)

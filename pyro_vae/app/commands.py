@@ -117,7 +117,7 @@ def _read_grey(path: Path) -> torch.Tensor:
 def _check_new(paths: list[Path], overwrite: bool) -> None:
     existing = [str(p) for p in paths if p.exists()]
     if existing and not overwrite:
-        raise CheckpointError(f"{existing[0]} already exists; pass --overwrite to replace it or "
+        raise CheckpointError(f"{existing[0]} already exists; pass overwrite=True to replace it or "
                               "choose another output path")
 
 
@@ -126,11 +126,12 @@ def evaluate_run(run_dir: str | Path, split: str = "test", num_samples: int = 50
                  limit: int = 0, batch_size: int = 8, chunk_size: int | None = None,
                  num_particles: int = 10, seed: int = 0, precision: str = "float32",
                  threshold: float = 0.01, out: str | Path | None = None,
-                 overwrite: bool = False, device: str = "cpu", workers: int = 1
-                 ) -> dict[str, Any]:
+                 overwrite: bool = False, device: str = "cpu", workers: int = 1,
+                 progress: bool = False) -> dict[str, Any]:
     """Test ELBO (with its two terms), importance-sampled log p(x) and active units of a run;
     written to ``out`` (default ``RUN_DIR/evaluation.json``) and returned. ``workers``
-    processes share the log-likelihood (see :func:`importance_log_likelihood`)."""
+    processes share the log-likelihood (see :func:`importance_log_likelihood`); ``progress``
+    reports it (a bar on a terminal, a line with an ETA every 30 s in a log)."""
     run_dir = Path(run_dir)
     out = Path(out) if out is not None else run_dir / EVALUATION_FILE
     check_positive("num_samples", num_samples)
@@ -145,7 +146,7 @@ def evaluate_run(run_dir: str | Path, split: str = "test", num_samples: int = 50
     elbo = terms.elbo
     start = time.perf_counter()
     ll = importance_log_likelihood(vae, x, num_samples, batch_size, chunk_size, seed=seed,
-                                   precision=precision, workers=workers)
+                                   precision=precision, workers=workers, progress=progress)
     seconds = time.perf_counter() - start
     activity = latent_activity(vae, x)
     result = {

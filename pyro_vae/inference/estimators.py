@@ -354,11 +354,12 @@ class Estimator:
         if self.needs_closed_form_kl:
             if not PRIORS[cfg.model.prior].closed_form_kl:
                 raise ConfigError(f"estimator {self.name} needs a closed-form KL, which prior "
-                                  f"{cfg.model.prior} does not have; use --estimator reparam")
+                                  f"{cfg.model.prior} does not have; use "
+                                  f"train.estimator=\"reparam\"")
         if cfg.train.num_particles == 0:  # the estimator's own default, recorded in the config
             cfg.train.num_particles = self.default_particles
         if cfg.train.num_particles < self.min_particles:
-            raise ConfigError(f"estimator {self.name} needs --num-particles >= "
+            raise ConfigError(f"estimator {self.name} needs train.num_particles >= "
                               f"{self.min_particles}, got {cfg.train.num_particles} (with one "
                               f"particle the importance-weighted bound is the plain ELBO)")
 

@@ -21,6 +21,7 @@ from ..inference.accelerators import GENERIC, PathChoice, choose_log_weights, re
 from ..inference.accelerators.bernoulli_mlp import AUTO_COMPILE_SAMPLES
 from ..inference.program import log_weights, trace_program
 from ..models.vae import VAE
+from ..progress import Progress
 from .checks import check_observations_shape, check_positive
 
 PRECISIONS = ("float32", "bfloat16")
@@ -124,7 +125,8 @@ def importance_log_likelihood(vae: VAE, x: torch.Tensor, num_samples: int = 5000
                               batch_size: int = 8, chunk_size: int | None = None,
                               seed: int | None = None, precision: str = "float32",
                               fast: bool = True, compile: bool | None = None,
-                              workers: int = 1, first_index: int = 0) -> LogLikelihood:
+                              workers: int = 1, first_index: int = 0,
+                              progress: bool = False) -> LogLikelihood:
     """Importance-sampled log p(x) with the encoder as proposal, and its standard error.
 
     log p(x) ~ log (1/K) sum_k exp(log p(x, z_k) - log q(z_k|x)), z_k ~ q(z|x) (Burda, Grosse &
@@ -158,6 +160,8 @@ def importance_log_likelihood(vae: VAE, x: torch.Tensor, num_samples: int = 5000
             between which OpenMP threads wait for each other, and compiled kernels hold the GIL.
         first_index: index of ``x[0]`` in the full set, which seeds its noise (set by the
             workers so that a split gives the same draws).
+        progress: report progress (:class:`pyro_vae.progress.Progress`: a bar on a terminal,
+            a line with an ETA every 30 s in a log).
     """
     for name, value in (("num_samples", num_samples), ("batch_size", batch_size)):
         check_positive(name, value)
@@ -184,10 +188,12 @@ def importance_log_likelihood(vae: VAE, x: torch.Tensor, num_samples: int = 5000
     check_positive("workers", workers)
     if workers > 1 and x.shape[0] > 1 and x.device.type == "cpu":
         return _parallel_log_likelihood(
-            vae, x, workers, first_index, num_samples=num_samples, batch_size=batch_size,
-            chunk_size=chunk_size, seed=seed, precision=precision, fast=fast, compile=compile)
+            vae, x, workers, first_index, progress=progress, num_samples=num_samples,
+            batch_size=batch_size, chunk_size=chunk_size, seed=seed, precision=precision,
+            fast=fast, compile=compile)
     estimates, stderrs = [], []
     k_total = num_samples
+    bar = Progress(x.shape[0], "log-likelihood", "images", enabled=progress)
     for first in range(0, x.shape[0], batch_size):
         xb = x[first:first + batch_size]
         if use_fast:
@@ -216,6 +222,8 @@ def importance_log_likelihood(vae: VAE, x: torch.Tensor, num_samples: int = 5000
             stderrs.append((rel_var / k_total).sqrt())
         else:
             stderrs.append(torch.full_like(acc1, math.nan))
+        bar.update(xb.shape[0])
+    bar.close()
     return LogLikelihood(torch.cat(estimates).float(), torch.cat(stderrs).float(), num_samples,
                          choice)
 
@@ -228,23 +236,34 @@ def _worker_log_likelihood(vae: VAE, x: torch.Tensor, kwargs: dict[str, Any]) ->
     return importance_log_likelihood(vae, x, **kwargs)
 
 
+#: Slices of the images per worker process (results do not depend on it).
+SLICES_PER_WORKER = 8
+
+
 def _parallel_log_likelihood(vae: VAE, x: torch.Tensor, workers: int, first_index: int = 0,
-                             **kwargs: Any) -> LogLikelihood:
+                             progress: bool = False, **kwargs: Any) -> LogLikelihood:
     """:func:`importance_log_likelihood` over contiguous slices of ``x`` in ``workers`` spawned
     processes (one torch thread each). Each image's noise is seeded by its index in ``x``, so
     the estimates equal a single process's. Spawning and importing torch costs a few seconds
     per worker, worth it for long jobs such as K = 5000 over a test set."""
     import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures import ProcessPoolExecutor, as_completed
 
     workers = min(workers, x.shape[0])
-    bounds = [round(i * x.shape[0] / workers) for i in range(workers + 1)]
+    # more slices than workers, so that progress can be reported as slices finish
+    slices = min(x.shape[0], workers * SLICES_PER_WORKER)
+    bounds = [round(i * x.shape[0] / slices) for i in range(slices + 1)]
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(workers, mp_context=context) as pool:
-        futures = [pool.submit(_worker_log_likelihood, vae, x[lo:hi].clone(),
-                               {**kwargs, "workers": 1, "first_index": first_index + lo})
-                   for lo, hi in zip(bounds[:-1], bounds[1:])]
-        parts = [f.result() for f in futures]
+    with ProcessPoolExecutor(workers, mp_context=context) as pool, \
+            Progress(x.shape[0], "log-likelihood", "images", enabled=progress) as bar:
+        futures = {pool.submit(_worker_log_likelihood, vae, x[lo:hi].clone(),
+                               {**kwargs, "workers": 1, "first_index": first_index + lo}):
+                   (i, hi - lo) for i, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:]))}
+        parts = [None] * slices
+        for future in as_completed(futures):
+            i, size = futures[future]
+            parts[i] = future.result()
+            bar.update(size)
     return LogLikelihood(torch.cat([p.estimate for p in parts]),
                          torch.cat([p.stderr for p in parts]), parts[0].num_samples,
                          parts[0].path)

@@ -71,7 +71,7 @@ class ContinuousBernoulliLikelihood(Likelihood):
     def check_config(cls, cfg: Config) -> None:
         if cfg.data.binarize != "none":
             raise ConfigError("likelihood continuous-bernoulli models grey levels; use it with "
-                              "--binarize none")
+                              "data.binarize=\"none\"")
 
 
 class GaussianLikelihood(Likelihood):
@@ -102,7 +102,8 @@ class GaussianLikelihood(Likelihood):
         # On {0, 1} pixels a (learned-scale) Gaussian density grows without bound as the scale
         # of always-black pixels shrinks, so its ELBO would not measure anything.
         if cfg.data.binarize != "none":
-            raise ConfigError("likelihood gaussian models grey levels; use it with --binarize none")
+            raise ConfigError("likelihood gaussian models grey levels; use it with "
+                              "data.binarize=\"none\"")
 
 
 #: Likelihood name -> class (the registry lives in :mod:`pyro_vae.registry`).

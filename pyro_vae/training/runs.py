@@ -32,7 +32,8 @@ CHECKPOINT_FORMAT = 1
 #: Config keys that may differ between a run and its resumption.
 RESUMABLE_KEYS = {("train", "epochs"), ("train", "progress"), ("train", "device"),
                   ("train", "max_bad_steps"), ("train", "eval_batch_size"),
-                  ("train", "fast_path"), ("train", "threads")}
+                  ("train", "fast_path"), ("train", "threads"), ("train", "tensorboard"),
+                  ("train", "tensorboard_images_every")}
 
 
 def pick_device(name: str) -> torch.device:
@@ -68,7 +69,7 @@ def check_run_dir(run_dir: Path, cfg: Config, resume: bool, overwrite: bool) -> 
             or --resume was given for a folder with no checkpoint or a different config.
     """
     if resume and overwrite:
-        raise ConfigError("--resume and --overwrite exclude each other")
+        raise ConfigError("resume=True and overwrite=True exclude each other")
     if run_dir.exists() and not run_dir.is_dir():
         raise CheckpointError(f"output path {run_dir} exists and is not a folder")
     nearest = next(p for p in (run_dir, *run_dir.absolute().parents) if p.exists())
@@ -76,13 +77,13 @@ def check_run_dir(run_dir: Path, cfg: Config, resume: bool, overwrite: bool) -> 
         raise CheckpointError(f"cannot create output folder {run_dir}: {nearest} is a file")
     if not os.access(nearest, os.W_OK | os.X_OK):
         raise CheckpointError(f"cannot write to {nearest} (permission denied); choose another "
-                              f"--out")
+                              f"run_dir")
     contents = [p for p in run_dir.iterdir()] if run_dir.is_dir() else []
     if resume:
         if (run_dir / CONFIG_FILE).is_file() and not (run_dir / CHECKPOINT_FILE).is_file():
             raise CheckpointError(f"cannot resume {run_dir}: it holds no {CHECKPOINT_FILE} (the "
                                   f"run stopped before its first epoch ended); start it again "
-                                  f"with --overwrite")
+                                  f"with overwrite=True")
         if not (run_dir / CHECKPOINT_FILE).is_file() or not (run_dir / CONFIG_FILE).is_file():
             raise CheckpointError(f"cannot resume: {run_dir} holds no {CHECKPOINT_FILE} and "
                                   f"{CONFIG_FILE}")
@@ -94,8 +95,9 @@ def check_run_dir(run_dir: Path, cfg: Config, resume: bool, overwrite: bool) -> 
                                   f"{'; '.join(differences)}")
     elif contents and not overwrite:
         what = "another run" if (run_dir / CONFIG_FILE).exists() else "other files"
-        raise CheckpointError(f"output folder {run_dir} already holds {what}; pass --resume to "
-                              f"continue it, --overwrite to replace it, or choose another --out")
+        raise CheckpointError(f"output folder {run_dir} already holds {what}; pass resume=True "
+                              f"to continue it, overwrite=True to replace it, or choose another "
+                              f"run_dir")
 
 
 # -- the parts a run was built from ---------------------------------------------------------------

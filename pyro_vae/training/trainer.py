@@ -37,10 +37,11 @@ from ..data import (
 )
 from ..errors import CheckpointError, ConfigError, PyroVAEError, TrainingError
 from ..inference.accelerators import PathChoice, choose_training_loss
-from ..inference.program import inspect_program
 from ..inference.precision import keep_float32_outputs, precision_context
+from ..inference.program import inspect_program
 from ..metrics.elbo import elbo_per_image
 from ..models.vae import VAE
+from ..progress import LOG as PROGRESS
 from ..registry import ESTIMATORS
 from ..runtime import apply_threads
 from . import distributed
@@ -161,6 +162,9 @@ class Trainer:
         if cfg.train.batch_size * self.workers.world_size > len(self.dataset.train):
             raise ConfigError(f"train.batch_size = {cfg.train.batch_size} is larger than the "
                               f"{len(self.dataset.train)} training images")
+        if cfg.train.early_stop_patience and self.dataset.val is None:
+            raise ConfigError("train.early_stop_patience needs a validation split, and this "
+                              "dataset has none (a Dataset passed in keeps its own splits)")
         pyro.clear_param_store()
         pyro.set_rng_seed(cfg.train.seed)
         estimator = ESTIMATORS[cfg.train.estimator]
@@ -206,6 +210,14 @@ class Trainer:
             self.loss_module = distributed.wrap(
                 self.fast or distributed.PyroLoss(self.elbo, self.vae, len(self.dataset.train)),
                 self.workers, self.device)
+        self.scheduler = _scheduler(self.optimizer, cfg)
+        #: objects with on_step(trainer, step, loss, grad_norm) and on_epoch_end(trainer,
+        #: record) (e.g. training.tensorboard.TensorBoardCallback); they must not draw from
+        #: the global RNG.
+        self.callbacks: list[Any] = []
+        # early stopping on the validation ELBO: best value, its epoch, epochs without a gain
+        self.early_stop = {"best": -math.inf, "best_epoch": 0, "bad_epochs": 0,
+                           "stopped": False}
         self._params = list(self.vae.parameters())  # fixed for the run: built once, not per step
         self.metrics: list[dict[str, Any]] = []
         # Position in the schedule: epochs finished, batches done in the current epoch.
@@ -239,6 +251,8 @@ class Trainer:
                          "epoch_seconds": self._epoch_seconds, "epoch_bad": self._epoch_bad,
                          "bad_steps": self.bad_steps},
             "metrics": [json.dumps(m) for m in self.metrics],
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else {},
+            "early_stop": dict(self.early_stop),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -249,7 +263,7 @@ class Trainer:
                 f"the checkpoint's optimizer has {saved} parameter group(s), this run {ours}: it "
                 f"was saved with another encoder learning-rate scale (older pyro_vae versions "
                 f"trained the score estimator's encoder at the full rate); resume with "
-                f"--encoder-lr-scale {1 if saved == 1 else 0.1}")
+                f"train.encoder_lr_scale={1 if saved == 1 else 0.1}")
         self.optimizer.load_state_dict(state["optimizer"])
         store = pyro.get_param_store()
         for name, value in state["param_store_extras"].items():
@@ -262,6 +276,9 @@ class Trainer:
             pos["epoch_loss"], pos["epoch_seconds"], pos["epoch_bad"])
         self.bad_steps = pos["bad_steps"]
         self.metrics = [json.loads(m) for m in state["metrics"]]
+        if self.scheduler is not None and state.get("scheduler"):
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.early_stop.update(state.get("early_stop", {}))
 
     def save(self) -> None:
         if self.run_dir is not None and self.workers.is_main:
@@ -368,10 +385,12 @@ class Trainer:
                     f"stopped after {self.bad_steps} steps with a non-finite loss or gradient "
                     f"(last at step {self.global_step + 1}); "
                     f"{'the last good checkpoint is kept' if saved else 'no checkpoint yet'}. "
-                    f"Try a lower --lr, --grad-clip, or a reparametrized estimator")
+                    f"Try a lower train.lr, train.grad_clip, or a reparametrized estimator")
             return None
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        for callback in self.callbacks:
+            callback.on_step(self, self.global_step + 1, loss / num_data, float(grad_norm))
         return loss / num_data
 
     @torch.no_grad()
@@ -398,7 +417,7 @@ class Trainer:
         batch, n = self.cfg.train.batch_size * self.workers.world_size, len(train)
         num_batches = n // batch  # the last partial batch is dropped: every step sees B images
         mode = self.cfg.data.binarize
-        while self.epoch < self.cfg.train.epochs:
+        while self.epoch < self.cfg.train.epochs and not self.early_stop["stopped"]:
             order = epoch_order(n, self.cfg.train.seed, self.epoch).to(self.device)
             start = time.perf_counter()
             bar = tqdm(total=num_batches, initial=self.batch_in_epoch, leave=False,
@@ -427,18 +446,48 @@ class Trainer:
                       **({"train_elbo": train_value} if objective == "elbo" else {}),
                       "train_objective": train_value, "objective": objective,
                       "kl_weight": self.kl_weight(self.global_step),
+                      "lr": self.optimizer.param_groups[-1]["lr"],
                       **self.evaluate(),
                       "seconds": self._epoch_seconds + time.perf_counter() - start,
                       "bad_steps": self._epoch_bad}
             self.metrics.append(record)
             self.epoch += 1
+            if self.scheduler is not None:
+                self.scheduler.step()
+            self._update_early_stop(record)
             self.batch_in_epoch, self._epoch_loss = 0, 0.0
             self._epoch_seconds, self._epoch_bad = 0.0, 0
             if self.run_dir is not None and self.workers.is_main:
                 with open(self.run_dir / METRICS_FILE, "a") as f:
                     f.write(json.dumps(record) + "\n")
+            if self.cfg.train.progress and self.workers.is_main:
+                PROGRESS.info("%s", _epoch_line(record, self.cfg.train.epochs))
+            for callback in self.callbacks:
+                callback.on_epoch_end(self, record)
             self.save()
+            if self.early_stop["stopped"]:
+                _LOG.warning("early stop after epoch %d: the validation ELBO has not improved "
+                             "for %d epochs (best %.2f at epoch %d)", self.epoch,
+                             self.early_stop["bad_epochs"], self.early_stop["best"],
+                             self.early_stop["best_epoch"])
+                break
         return True
+
+    def _update_early_stop(self, record: dict[str, Any]) -> None:
+        patience = self.cfg.train.early_stop_patience
+        value = record.get("val_elbo")
+        if not patience or value is None:
+            return
+        state = self.early_stop
+        if value > state["best"]:
+            state.update(best=value, best_epoch=record["epoch"], bad_epochs=0)
+        else:
+            state["bad_epochs"] += 1
+        record["best_val_elbo"], record["best_epoch"] = state["best"], state["best_epoch"]
+        if state["bad_epochs"] >= patience:
+            state["stopped"] = True
+            record["early_stop"] = True
+            self._log_event({"event": "early-stop", "epoch": record["epoch"], **state})
 
 
 def fit(config: Config, run_dir: str | Path | None = None, *, resume: bool = False,
@@ -460,6 +509,10 @@ def fit(config: Config, run_dir: str | Path | None = None, *, resume: bool = Fal
             and the run records its classes so that it is never loaded into others.
     """
     config.validate()
+    if config.train.tensorboard:  # before anything is written
+        from .tensorboard import require_tensorboard
+
+        require_tensorboard()
     workers = distributed.setup(config.train.device)  # joins torchrun's processes, if any
     apply_threads(config.train.threads)
     run_dir = Path(run_dir) if run_dir is not None else None
@@ -481,14 +534,45 @@ def fit(config: Config, run_dir: str | Path | None = None, *, resume: bool = Fal
         atomic_write_text(run_dir / CONFIG_FILE, config.to_toml())
     for choice in trainer.paths:
         trainer._log_event({"event": "path", "step": trainer.global_step, **choice.as_dict()})
-    with _StopRequest() as stop:
-        finished = trainer.run(stop)
+    if config.train.tensorboard and run_dir is not None and workers.is_main:
+        from .tensorboard import TensorBoardCallback
+
+        trainer.callbacks.append(TensorBoardCallback(
+            run_dir, config.train.tensorboard_images_every, first_step=trainer.global_step))
+    try:
+        with _StopRequest() as stop:
+            finished = trainer.run(stop)
+    finally:
+        for callback in trainer.callbacks:
+            callback.close()
     if not finished:
         trainer.save()
     return TrainResult(config, trainer.vae, trainer.dataset, trainer.metrics, run_dir,
                        interrupted=not finished)
 
 
+
+
+def _epoch_line(record: dict[str, Any], epochs: int) -> str:
+    """One line per epoch for logs: ``epoch 3/20: train ELBO -120.45, test ELBO -118.20 ..."""
+    train = (f"train ELBO {record['train_elbo']:.2f}" if "train_elbo" in record
+             else f"train {record['objective']} {record['train_objective']:.2f}")
+    val = f", val ELBO {record['val_elbo']:.2f}" if "val_elbo" in record else ""
+    bad = f", {record['bad_steps']} steps skipped" if record.get("bad_steps") else ""
+    return (f"epoch {record['epoch']}/{epochs}: {train}, test ELBO {record['test_elbo']:.2f}"
+            f"{val}, {record['seconds']:.1f} s{bad}")
+
+
+def _scheduler(optimizer: torch.optim.Optimizer, cfg: Config
+               ) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """torch's scheduler for ``train.lr_schedule``, stepped once per epoch (None: constant)."""
+    schedule = cfg.train.lr_schedule
+    if schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.train.epochs)
+    if schedule == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.train.lr_step_epochs,
+                                               gamma=cfg.train.lr_gamma)
+    return None
 
 
 def adam(params, lr: float, device: torch.device) -> torch.optim.Adam:
