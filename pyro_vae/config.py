@@ -251,7 +251,10 @@ class Config:
             raise ConfigError(f"config file not found: {path}") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
-        return cls.from_dict(raw, base)
+        try:
+            return cls.from_dict(raw, base)
+        except ConfigError as e:  # name the file: its keys are what the message names
+            raise ConfigError(f"config file {path}: {e}") from None
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)

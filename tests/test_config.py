@@ -49,7 +49,7 @@ def test_invalid_values_name_the_problem(section, key, value, needle):
 def test_incompatible_combination_is_rejected():
     cfg = Config()
     cfg.model.likelihood = "continuous-bernoulli"  # needs grey levels, default binarizes
-    with pytest.raises(ConfigError, match="--binarize none"):
+    with pytest.raises(ConfigError, match=r"data.binarize=\"none\""):
         cfg.validate()
 
 

@@ -19,6 +19,7 @@ import pyro_vae
 from pyro_vae import VAE, elbo_per_image, importance_log_likelihood, measure_gradient_variance
 from pyro_vae.errors import ConfigError
 from pyro_vae.inference.accelerators import FastELBO
+from pyro_vae.metrics import loglik
 from pyro_vae.training.trainer import Trainer
 
 DEVICE = os.environ.get("PYRO_VAE_TEST_DEVICE", "cuda")
@@ -148,21 +149,38 @@ def test_checkpoint_of_a_device_run_loads_where_cuda_is_missing(tmp_path, monkey
     assert {p.device.type for p in vae.parameters()} == {"cpu"}
 
 
-def test_importance_log_likelihood_agrees_with_the_cpu():
+def test_importance_log_likelihood_is_the_same_for_the_same_noise(monkeypatch):
     cpu, dev = _pair()
     x = _binary(6)
-    # The noise generators differ between devices (and the seeds differ on purpose), so the
-    # estimates agree within their Monte Carlo errors, not exactly.
+    want = importance_log_likelihood(cpu, x, num_samples=300, seed=0)
+    # the noise of the CPU, moved to the device (each device has its own generator)
+    cpu_noise = loglik._image_noise
+
+    def noise(*args):
+        *head, device, dtype = args
+        return cpu_noise(*head, torch.device("cpu"), dtype).to(device)
+
+    monkeypatch.setattr(loglik, "_image_noise", noise)
+    got = importance_log_likelihood(dev, x.to(DEVICE), num_samples=300, seed=0)
+    assert got.path.path == want.path.path
+    assert got.estimate.device.type == torch.device(DEVICE).type
+    _close(got.estimate, want.estimate, rtol=1e-5, what="log p(x)")
+    _close(got.stderr, want.stderr, rtol=1e-3, what="standard error")
+
+
+def test_importance_log_likelihood_agrees_with_the_cpu_within_monte_carlo_error():
+    cpu, dev = _pair()
+    x = _binary(8)
+    # The devices' noise generators differ (and so do the seeds, on purpose): the estimates
+    # agree within their Monte Carlo errors, not exactly. The weights of this untrained model
+    # are heavy-tailed, so the delta-method errors run small: allow 8 of them.
     a = importance_log_likelihood(cpu, x, num_samples=1000, seed=0)
     b = importance_log_likelihood(dev, x.to(DEVICE), num_samples=1000, seed=1)
-    assert b.estimate.device.type == torch.device(DEVICE).type
-    assert a.path.path == b.path.path
-    est_a, est_b = a.estimate, b.estimate.cpu()
-    err = (a.stderr.square() + b.stderr.cpu().square()).sqrt()
-    assert torch.isfinite(est_b).all() and torch.isfinite(err).all()
-    assert ((est_a - est_b).abs() <= 6 * err + 0.02).all(), (est_a, est_b, err)
-    # and the estimate lies above the ELBO, as it must on average
-    assert float(est_b.mean()) > elbo_per_image(dev, x.to(DEVICE)) - 1.0
+    assert torch.isfinite(b.estimate).all() and torch.isfinite(b.stderr).all()
+    err = math.hypot(a.mc_stderr(), b.mc_stderr())
+    assert abs(a.mean() - b.mean()) <= 8 * err + 0.1, (a.mean(), b.mean(), err)
+    # the estimate lies above the ELBO, as it must on average
+    assert b.mean() > elbo_per_image(dev, x.to(DEVICE), num_particles=10) - 1.0
 
 
 def test_gradient_variance_runs_on_the_device():

@@ -136,5 +136,5 @@ def test_download_failure_names_the_folder_and_the_alternatives(tmp_path, monkey
         load_dataset(DataConfig(dataset="kmnist", data_dir=str(tmp_path / "kmnist")))
     message = str(info.value)
     assert str(tmp_path / "kmnist") in message
-    assert "--data-dir" in message and "mnist-5k" in message
+    assert "data.data_dir" in message and "mnist-5k" in message
     assert "\n" not in message

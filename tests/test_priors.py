@@ -219,9 +219,9 @@ def test_student_t_uses_prior_df():
 @pytest.mark.parametrize("flags, message", [
     (["--prior", "flow", "--latent-dim", "1"], "prior flow needs latent_dim >= 2, got 1"),
     (["--prior", "flow", "--latent-dim", "8", "--prior-flow-hidden", "4"],
-     "prior_flow_hidden = 4 is invalid"),
-    (["--prior", "mixture", "--prior-components", "0"], "prior_components = 0 is invalid"),
-    (["--prior", "student-t", "--prior-df", "-1"], "prior_df = -1.0 is invalid"),
+     "--prior-flow-hidden 4 is invalid"),
+    (["--prior", "mixture", "--prior-components", "0"], "--prior-components 0 is invalid"),
+    (["--prior", "student-t", "--prior-df", "-1"], "--prior-df -1.0 is invalid"),
     (["--prior", "vamp", "--estimator", "analytic-kl"], "prior vamp does not have"),
 ])
 def test_cli_rejects_bad_prior_settings(flags, message, tmp_path, capsys):

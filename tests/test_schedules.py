@@ -95,7 +95,7 @@ def test_iwae_defaults_to_five_particles_and_names_its_bound():
     record = result.metrics[0]
     assert record["objective"] == "iwae bound (K=5)" and "train_elbo" not in record
     assert "test_elbo" in record
-    with pytest.raises(ConfigError, match="num-particles >= 2"):
+    with pytest.raises(ConfigError, match="num_particles >= 2"):
         tiny_config(estimator="iwae", num_particles=1).validate()
 
 

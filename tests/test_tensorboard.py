@@ -87,3 +87,20 @@ def test_event_file_holds_the_scalars_and_images(runs):
     images = acc.Images("samples")
     assert [i.step for i in images] == [metrics[e - 1]["step"] for e in (1, 5, 10, 15, 20)]
     assert images[0].width > 200 and images[0].height > 200
+
+
+def test_variance_command_writes_its_curves(tmp_path):
+    out = tmp_path / "v"
+    proc = subprocess.run([sys.executable, "-m", "pyro_vae", "variance", "--out", str(out),
+                           "--checkpoints", "0", "5", "--draws", "4", "--oracle-draws", "4",
+                           "--measure-batch", "8", "--hidden-dims", "16", "--latent-dim", "2",
+                           "--train-limit", "256", "--batch-size", "32", "--curve-steps", "20",
+                           "--no-figures", "--tensorboard", "--quiet"],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr
+    acc = _events(out)
+    tags = acc.Tags()["scalars"]
+    assert "reference-d2-b8/encoder/variance_ratio/score" in tags
+    assert [e.step for e in acc.Scalars("reference-d2-b8/encoder/snr/reparam")] == [0, 5]
+    assert "curves/train_elbo/score" in tags

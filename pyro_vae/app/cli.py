@@ -291,7 +291,8 @@ def _run_variance(args: argparse.Namespace) -> int:
                      state.get("param_store_extras", {})))
     if runs:
         # How to measure may be set here; what was trained is the runs' own business.
-        measuring = {"train.precision", "train.threads", "train.progress", "train.device"}
+        measuring = {"train.precision", "train.threads", "train.progress", "train.device",
+                     "train.tensorboard"}
         given = sorted(k for k in vars(args) if "." in k and k not in measuring)
         given += ["config"] if args.config else []
         if given:
@@ -325,6 +326,8 @@ def _run_variance(args: argparse.Namespace) -> int:
         from .plots import write_variance_figures
 
         write_variance_figures(out, experiment)
+    if cfg.train.tensorboard:
+        _variance_to_tensorboard(out, experiment)
     t = experiment["timing"]
     print(f"measured {len(experiment['measurements'])} checkpoint(s) x "
           f"{len(args.estimators)} estimator(s), R = {args.draws}: measurement "
@@ -337,6 +340,28 @@ def _run_variance(args: argparse.Namespace) -> int:
                   f"(SNR {enc['snr']:.3g}, cos {enc['cosine']:.3f}); decoder var "
                   f"x{dec['ratio_to_reparam']:.3g}")
     return 0
+
+
+def _variance_to_tensorboard(out, experiment: dict) -> None:
+    """The variance curves as TensorBoard scalars, against the reference run's step: per
+    estimator and group, the variance ratio to reparam, the SNR and the cosine to the oracle;
+    and the training curves of ``--curve-steps``."""
+    from ..training.tensorboard import FOLDER, summary_writer
+
+    writer = summary_writer(out / FOLDER)
+    for m in experiment["measurements"]:
+        run = f"{m['run']}-d{m['latent_dim']}-b{m['batch_size']}"
+        for name, res in m["estimators"].items():
+            for group in ("encoder", "decoder"):
+                s = res["groups"][group]
+                writer.add_scalar(f"{run}/{group}/variance_ratio/{name}",
+                                  s["ratio_to_reparam"], m["step"])
+                writer.add_scalar(f"{run}/{group}/snr/{name}", s["snr"], m["step"])
+                writer.add_scalar(f"{run}/{group}/cosine/{name}", s["cosine"], m["step"])
+    for name, curve in experiment["curves"].items():
+        for step, elbo in zip(curve["step"], curve["elbo"], strict=True):
+            writer.add_scalar(f"curves/train_elbo/{name}", elbo, step)
+    writer.close()
 
 
 #: Subcommand name -> (help, add_arguments, run). Add a subcommand with one entry.
@@ -441,6 +466,9 @@ def for_the_command_line(message: str) -> str:
 
     def flag(name: str) -> str:
         return "--" + name.replace("_", "-")
+
+    if message.startswith("config file "):  # about a file's keys: keep the TOML names
+        return message
 
     message = re.sub(r"\b(?:data|model|train)\.(\w+)=\"?([\w.+-]+)\"?",
                      lambda m: f"{flag(m.group(1))} {m.group(2)}", message)

@@ -44,10 +44,10 @@ from ..models.vae import VAE
 from ..registry import ESTIMATORS
 
 #: Matrix-product precision of the vectorized draws -> context manager.
-PRECISIONS: dict[str, Callable[[], Any]] = {
-    "float32": contextlib.nullcontext,
-    "bfloat16": lambda: torch.autocast("cpu", dtype=torch.bfloat16),
-    "bf16": lambda: torch.autocast("cpu", dtype=torch.bfloat16),
+PRECISIONS: dict[str, Callable[[str], Any]] = {
+    "float32": lambda device: contextlib.nullcontext(),
+    "bfloat16": lambda device: torch.autocast(device, dtype=torch.bfloat16),
+    "bf16": lambda device: torch.autocast(device, dtype=torch.bfloat16),
 }
 #: The same, as the dtype of the hand-written products (:mod:`pyro_vae.mlp_gradients`).
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -272,7 +272,7 @@ def _summary(m: _Moments, oracle: dict[str, torch.Tensor], num_bootstrap: int,
 
 
 def _interval(samples: torch.Tensor, level: float = 0.95) -> list[float]:
-    lo, hi = torch.quantile(samples.double(), torch.tensor([(1 - level) / 2, (1 + level) / 2],
+    lo, hi = torch.quantile(samples.double().cpu(), torch.tensor([(1 - level) / 2, (1 + level) / 2],
                                                            dtype=torch.float64)).tolist()
     return [lo, hi]
 
@@ -677,7 +677,7 @@ def measure_gradient_variance(vae: VAE, x: torch.Tensor, estimators: Sequence[st
             est = ESTIMATORS[name]
             moments = _Moments(oracle, groups)
             seconds, start = 0.0, time.perf_counter()
-            with torch.enable_grad(), PRECISIONS[precision]():
+            with torch.enable_grad(), PRECISIONS[precision](x.device.type):
                 draws = gradient_draws(vae, est, x, num_draws, num_particles=num_particles,
                                        chunk_size=chunk_size, train_scale=train_scale,
                                        vectorized=vectorized, precision=precision,

@@ -251,8 +251,14 @@ def _parallel_log_likelihood(vae: VAE, x: torch.Tensor, workers: int, first_inde
 
     workers = min(workers, x.shape[0])
     # more slices than workers, so that progress can be reported as slices finish
-    slices = min(x.shape[0], workers * SLICES_PER_WORKER)
-    bounds = [round(i * x.shape[0] / slices) for i in range(slices + 1)]
+    # Slice boundaries fall on the single process's batch boundaries, so every image is
+    # computed in the same batch as there and the estimates are identical, not only close.
+    n, batch = x.shape[0], kwargs.get("batch_size", 8)
+    wanted = min(n, workers * SLICES_PER_WORKER)
+    bounds = sorted({min(n, round(i * n / wanted / batch) * batch) for i in range(wanted)} | {n})
+    if bounds[0] != 0:
+        bounds.insert(0, 0)
+    slices = len(bounds) - 1
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(workers, mp_context=context) as pool, \
             Progress(x.shape[0], "log-likelihood", "images", enabled=progress) as bar:

@@ -18,15 +18,12 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from ..errors import ConfigError
 from ..metrics.elbo import elbo_terms
-
-if TYPE_CHECKING:
-    from .trainer import Trainer
 
 LOG_EVERY_STEPS = 10
 TERMS_IMAGES = 1000
@@ -69,14 +66,14 @@ class TensorBoardCallback:
                                      purge_step=first_step + 1 if first_step else None)
         self.images_every = images_every
 
-    def on_step(self, trainer: Trainer, step: int, loss: float | None, grad_norm: float) -> None:
+    def on_step(self, trainer: Any, step: int, loss: float | None, grad_norm: float) -> None:
         if step % LOG_EVERY_STEPS == 0:
             if loss is not None:
                 self.writer.add_scalar("train/loss", loss, step)
             self.writer.add_scalar("train/grad_norm", grad_norm, step)
 
     @torch.no_grad()
-    def on_epoch_end(self, trainer: Trainer, record: dict[str, Any]) -> None:
+    def on_epoch_end(self, trainer: Any, record: dict[str, Any]) -> None:
         step, epoch, w = record["step"], record["epoch"], self.writer
         if "train_elbo" in record:
             w.add_scalar("elbo/train", record["train_elbo"], step)
