@@ -123,7 +123,7 @@ def test_early_stopping_on_the_validation_elbo(tmp_path, monkeypatch):
     assert '"event": "early-stop"' in events
     with pytest.raises(ConfigError, match="validation split"):
         fit(tiny_config(early_stop_patience=2), dataset=small_dataset(256, 64))
-    with pytest.raises(ConfigError, match="val-fraction"):
+    with pytest.raises(ConfigError, match="val_fraction"):
         tiny_config(early_stop_patience=2).validate()
 
 

@@ -178,5 +178,5 @@ def test_encoder_lr_scale_option_overrides_and_old_checkpoints_are_named():
     state = one_group.state_dict()  # like a score checkpoint of the previous version
     fresh = Trainer(tiny_config(estimator="score").validate(), small_dataset())
     assert len(fresh.optimizer.param_groups) == 2
-    with pytest.raises(CheckpointError, match="--encoder-lr-scale 1"):
+    with pytest.raises(CheckpointError, match="encoder_lr_scale=1"):
         fresh.load_state_dict(state)

@@ -164,7 +164,8 @@ def load_run(run_dir: str | Path, device: str = "cpu", vae: VAE | None = None
     pyro.clear_param_store()
     cfg = Config.from_dict(state["config"])
     require_plugins(cfg.run.plugins, f"run {run_dir}")
-    cfg.train.device = str(torch.device(device).type)  # where it is loaded, not where it ran
+    if cfg.train.device == "cuda" and torch.device(device).type != "cuda":
+        cfg.train.device = "auto"  # trained on a GPU, loaded where there may be none
     cfg.validate()
     if vae is None:
         vae = VAE.from_config(cfg, tuple(state["image_shape"]))
