@@ -54,11 +54,11 @@ def plot_loss_curve(path: str | Path, metrics: list[dict[str, Any]], title: str 
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     epochs = [m["epoch"] for m in metrics]
-    if any(m.get("objective", "elbo") != "elbo" for m in metrics):
+    other = [m for m in metrics if m.get("objective", "elbo") != "elbo"]
+    if other:
         # epochs on another objective (beta, warm-up, iwae): plot it under its own name
-        ax.plot(epochs, [m.get("train_objective", float("nan")) for m in metrics], marker="o",
-                ms=3, ls="--", label="train objective (" + metrics[-1]["objective"].split(" (")[0]
-                + ")")
+        ax.plot([m["epoch"] for m in other], [m["train_objective"] for m in other], marker="o",
+                ms=3, ls="--", label=f"train objective ({other[0]['objective'].split(' (')[0]})")
     for key, label in (("train_elbo", "train"), ("test_elbo", "test"), ("val_elbo", "validation")):
         if any(key in m for m in metrics):
             ax.plot(epochs, [m.get(key, float("nan")) for m in metrics], marker="o", ms=3,
