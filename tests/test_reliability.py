@@ -781,8 +781,10 @@ def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run(tmp_path, cap
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_sigint_saves_at_a_step_boundary_and_resume_equals_an_uninterrupted_run(
-        tmp_path, capsys, kill_setup):
+        tmp_path, capsys, kill_setup, signum):
+    """Ctrl-C, and SIGTERM (what a cluster scheduler sends before it kills a job)."""
     flags, reference, reference_metrics = kill_setup
     seed = int(os.environ.get("PYRO_VAE_KILL_SEED", time.time_ns() % 2**32))
     run = tmp_path / "run"
@@ -790,11 +792,13 @@ def test_sigint_saves_at_a_step_boundary_and_resume_equals_an_uninterrupted_run(
     epoch_seconds = wait_for_first_checkpoint(proc, run)
     delay = random.Random(seed).uniform(0.1, 0.8) * epoch_seconds
     time.sleep(delay)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     _, err = proc.communicate(timeout=60)
-    note = f"PYRO_VAE_KILL_SEED={seed}, SIGINT {delay:.3f} s after epoch 1"
-    assert proc.returncode == 130, (note, err)
-    assert "interrupted: checkpoint saved" in err and "Traceback" not in err, err
+    name = signal.Signals(signum).name
+    note = f"PYRO_VAE_KILL_SEED={seed}, {name} {delay:.3f} s after epoch 1"
+    assert proc.returncode == 128 + signum, (note, err)
+    assert f"stopped by {name}: position saved" in err and "--resume" in err, err
+    assert "Traceback" not in err, err
     position = load_checkpoint(run / "checkpoint.pt")["position"]
     with capsys.disabled():
         print(note, position)
@@ -824,7 +828,7 @@ def test_ctrl_c_saves_at_the_next_step_boundary(tmp_path, capsys, monkeypatch, d
     monkeypatch.setattr(Trainer, "step", step_and_ctrl_c)
     run = tmp_path / "run"
     code, err = cli(capsys, "train", "--out", run, *flags)
-    assert code == 130 and "interrupted: checkpoint saved" in err, err
+    assert code == 130 and "stopped by SIGINT: position saved" in err, err
     position = load_checkpoint(run / "checkpoint.pt")["position"]
     assert (position["epoch"], position["batch_in_epoch"], position["global_step"]) == (1, 2, 8)
     assert [m["epoch"] for m in read_jsonl(run / "metrics.jsonl")] == [1]
@@ -893,3 +897,78 @@ def test_every_dataset_name_is_listed_when_unknown():
         load_dataset(DataConfig(dataset="imagenet"))
     assert all(name in str(info.value) for name in DATASETS)
 
+
+
+# -- one owner per run folder, resolved paths, overwrite leaves nothing behind ------------------
+def test_a_second_process_on_a_live_run_folder_is_refused_with_the_owners_pid(tmp_path):
+    run = tmp_path / "run"
+    flags = [*TINY, "--epochs", "200", "--no-figures"]
+    first = start_training(run, flags)
+    try:
+        deadline = time.time() + 120
+        while not (run / ".lock").exists() or not (run / "config.toml").exists():
+            assert time.time() < deadline and first.poll() is None
+            time.sleep(0.05)
+        for extra in ([], ["--overwrite"], ["--resume"]):
+            proc = subprocess.run([sys.executable, "-m", "pyro_vae", "train", "--out", str(run),
+                                   *flags, *extra], capture_output=True, text=True, timeout=120)
+            assert proc.returncode == 2, proc.stderr
+            assert f"is in use by another pyro-vae process (pid {first.pid})" in proc.stderr
+            assert proc.stderr.count("\n") == 1
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    # the killed owner's lock is stale: the next process takes it over
+    proc = subprocess.run([sys.executable, "-m", "pyro_vae", "train", "--out", str(run),
+                           *TINY, "--epochs", "1", "--no-figures", "--overwrite"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_relative_data_dir_is_stored_resolved_and_the_run_works_from_anywhere(
+        tmp_path, monkeypatch, data_dir):
+    monkeypatch.chdir(Path(data_dir).parent)
+    relative = os.path.relpath(data_dir)
+    fit_cfg = Config()
+    fit_cfg.data.dataset, fit_cfg.data.data_dir = "mnist", relative
+    fit_cfg.model.hidden_dims, fit_cfg.model.latent_dim = [16], 2
+    fit_cfg.train.epochs, fit_cfg.train.batch_size, fit_cfg.train.progress = 1, 64, False
+    fit(fit_cfg, tmp_path / "run")
+    saved = Config.load(tmp_path / "run" / "config.toml")
+    assert Path(saved.data.data_dir).is_absolute()
+    assert Path(saved.data.data_dir) == Path(data_dir).resolve()
+    monkeypatch.chdir("/")
+    from pyro_vae.app.commands import evaluate_run
+
+    result = evaluate_run(tmp_path / "run", num_samples=2, limit=4, num_particles=1)
+    assert result["num_images"] == 4
+
+
+def test_overwrite_leaves_nothing_of_the_old_run_and_a_failed_overwrite_restores_it(
+        tmp_path, monkeypatch):
+    from conftest import small_dataset, tiny_config
+
+    from pyro_vae import train
+
+    def small_data():
+        return small_dataset(256, 64)
+
+    cfg = tiny_config(epochs=1)
+    run = tmp_path / "run"
+    train(cfg, run, dataset=small_data())
+    from pyro_vae.app.commands import evaluate_run
+
+    evaluate_run(run, num_samples=2, limit=4, num_particles=1)
+    old = snapshot(run)
+    assert "evaluation.json" in old and "samples.png" in old
+    # a new run that fails before its first checkpoint: the old run is back, untouched
+    monkeypatch.setattr(Trainer, "step", lambda self, x: (_ for _ in ()).throw(
+        TrainingError("stopped on purpose")))
+    with pytest.raises(TrainingError):
+        fit(cfg, run, overwrite=True, dataset=small_data())
+    assert snapshot(run) == old
+    monkeypatch.undo()
+    # a good overwrite: nothing of the old run is left (evaluation, figures)
+    fit(cfg, run, overwrite=True, dataset=small_data())
+    entries = {p.name for p in run.iterdir()} - {".lock"}
+    assert entries == {"config.toml", "checkpoint.pt", "metrics.jsonl", "events.jsonl"}

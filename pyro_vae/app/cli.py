@@ -111,9 +111,12 @@ def _run_train(args: argparse.Namespace) -> int:
     result = train(cfg, args.out, resume=args.resume, overwrite=args.overwrite,
                    figures=not args.no_figures)
     if result.interrupted:
-        print(f"interrupted: checkpoint saved in {args.out}; continue with --resume",
-              file=sys.stderr)
-        return 130
+        import signal
+
+        name = signal.Signals(result.stop_signal).name if result.stop_signal else "interrupted"
+        print(f"pyro-vae: stopped by {name}: position saved in {args.out}; continue with "
+              f"pyro-vae train --out {args.out} --resume", file=sys.stderr)
+        return 128 + (result.stop_signal or signal.SIGINT)
     last = result.metrics[-1] if result.metrics else {}
     if last:
         train = (f"train ELBO {last['train_elbo']:.2f}" if "train_elbo" in last

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import pyro
@@ -32,8 +32,6 @@ import pyro.distributions as dist
 import torch
 from pyro import poutine
 from torch.distributions import kl_divergence
-
-from ..errors import ConfigError
 
 if TYPE_CHECKING:
     from ..models.vae import VAE
@@ -233,7 +231,6 @@ class ProgramStructure:
 
     guide_sites: list[SiteInfo]
     model_sites: list[SiteInfo]
-    other_guide_effects: list[str] = field(default_factory=list)
 
     @property
     def latent_sites(self) -> list[SiteInfo]:
@@ -290,16 +287,3 @@ def inspect_program(vae: VAE, x: torch.Tensor, num_data: int | None = None
     model_sites = [_site_info(s) for s in model.nodes.values() if s["type"] == "sample"
                    and type(s["fn"]).__name__ != "_Subsample"]
     return ProgramStructure(guide_sites, model_sites)
-
-
-def check_program(vae: VAE, x: torch.Tensor) -> None:
-    """Refuse (ConfigError) a program whose per-image numbers cannot be read off its traces:
-    no latent site, or a guide site the model does not sample."""
-    structure = inspect_program(vae, x[:2])
-    if not structure.guide_sites:
-        raise ConfigError("the guide samples nothing: a VAE's guide must sample its latents")
-    model_names = {s.name for s in structure.latent_sites}
-    for site in structure.guide_sites:
-        if site.name not in model_names:
-            raise ConfigError(f"the guide samples {site.name!r}, which the model does not "
-                              f"sample as a latent")

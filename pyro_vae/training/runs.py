@@ -10,7 +10,10 @@ imported on its own.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -61,8 +64,12 @@ def _config_differences(old: Config, new: Config) -> list[str]:
             if (s, k) not in RESUMABLE_KEYS and a[s][k] != b[s].get(k)]
 
 
-def check_run_dir(run_dir: Path, cfg: Config, resume: bool, overwrite: bool) -> None:
+def check_run_dir(run_dir: Path, cfg: Config, resume: bool, overwrite: bool,
+                  contents: bool = True) -> None:
     """Refuse to touch a folder that holds something else, before anything is written.
+
+    ``contents=False`` checks only that the folder can be created or written (the training
+    process does that before it takes the folder's lock, and the rest under the lock).
 
     Raises:
         CheckpointError: the folder holds another run (and neither --resume nor --overwrite),
@@ -78,7 +85,10 @@ def check_run_dir(run_dir: Path, cfg: Config, resume: bool, overwrite: bool) -> 
     if not os.access(nearest, os.W_OK | os.X_OK):
         raise CheckpointError(f"cannot write to {nearest} (permission denied); choose another "
                               f"run_dir")
-    contents = [p for p in run_dir.iterdir()] if run_dir.is_dir() else []
+    if not contents:
+        return
+    entries = ([p for p in run_dir.iterdir() if p.name not in OWN_ENTRIES]
+               if run_dir.is_dir() else [])
     if resume:
         if (run_dir / CONFIG_FILE).is_file() and not (run_dir / CHECKPOINT_FILE).is_file():
             raise CheckpointError(f"cannot resume {run_dir}: it holds no {CHECKPOINT_FILE} (the "
@@ -93,11 +103,111 @@ def check_run_dir(run_dir: Path, cfg: Config, resume: bool, overwrite: bool) -> 
         if differences:
             raise CheckpointError(f"cannot resume {run_dir} with a different config: "
                                   f"{'; '.join(differences)}")
-    elif contents and not overwrite:
+    elif entries and not overwrite:
         what = "another run" if (run_dir / CONFIG_FILE).exists() else "other files"
         raise CheckpointError(f"output folder {run_dir} already holds {what}; pass resume=True "
                               f"to continue it, overwrite=True to replace it, or choose another "
                               f"run_dir")
+
+
+# -- one owner per run folder ----------------------------------------------------------------------
+#: The lock a training process holds on its run folder (it contains the owner's pid).
+LOCK_FILE = ".lock"
+#: Where ``overwrite`` keeps the old run until the new one has its first checkpoint.
+PREVIOUS_RUN = ".previous-run"
+OWN_ENTRIES = (LOCK_FILE, PREVIOUS_RUN)
+
+
+class RunFolder:
+    """A run folder owned by this process for the duration of a run.
+
+    ``acquire`` takes an exclusive ``flock`` on ``RUN_DIR/.lock`` (written with this process's
+    pid) before anything in the folder is checked or written; another process asking for the
+    same folder is refused with the owner's pid. The kernel drops the lock when its process
+    dies, so a lock left by a killed run is simply taken over. ``overwrite`` moves the old run
+    aside (:meth:`set_aside`) and deletes it only once the new run has saved its first
+    checkpoint (:meth:`discard_previous`); if the new run fails before that, :meth:`restore`
+    puts the old one back -- also on the next start, if the process that overwrote was killed.
+    """
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = Path(run_dir)
+        self._fd: int | None = None
+        self.created = False
+
+    def acquire(self) -> None:
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no lock (documented)
+            return
+        self.created = not self.run_dir.exists()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            owner = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise CheckpointError(f"run folder {self.run_dir} is in use by another pyro-vae "
+                                  f"process (pid {owner}); wait for it to finish, or choose "
+                                  f"another run_dir") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+        if (self.run_dir / PREVIOUS_RUN).is_dir():  # an overwrite that died before its
+            self.restore()                           # first checkpoint: the old run comes back
+
+    def release(self, remove: bool = False) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # drops the flock
+            self._fd = None
+        if remove and self.created:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+
+    def _entries(self) -> list[Path]:
+        return [p for p in self.run_dir.iterdir() if p.name not in OWN_ENTRIES]
+
+    def set_aside(self) -> None:
+        """Move the folder's contents (an old run being overwritten) into PREVIOUS_RUN."""
+        entries = self._entries()
+        if not entries:
+            return
+        previous = self.run_dir / PREVIOUS_RUN
+        previous.mkdir()
+        for entry in entries:
+            entry.rename(previous / entry.name)
+
+    def discard_previous(self) -> None:
+        shutil.rmtree(self.run_dir / PREVIOUS_RUN, ignore_errors=True)
+
+    def restore(self) -> None:
+        """Delete what a failed new run wrote and put the old run back."""
+        previous = self.run_dir / PREVIOUS_RUN
+        if not previous.is_dir():
+            return
+        for entry in self._entries():
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+        for entry in previous.iterdir():
+            entry.rename(self.run_dir / entry.name)
+        previous.rmdir()
+
+
+@contextlib.contextmanager
+def owned(run_dir: Path | None, enabled: bool = True) -> Iterator[RunFolder | None]:
+    """Hold :class:`RunFolder`'s lock for the block; a folder this created and left empty of
+    run files (a refused or failed start) is removed again."""
+    if run_dir is None or not enabled:
+        yield None
+        return
+    folder = RunFolder(run_dir)
+    folder.acquire()
+    ok = False
+    try:
+        yield folder
+        ok = True
+    finally:
+        empty = folder.run_dir.is_dir() and not folder._entries()
+        folder.release(remove=folder.created and (not ok or empty) and empty)
 
 
 # -- the parts a run was built from ---------------------------------------------------------------

@@ -52,10 +52,12 @@ from .runs import (
     CONFIG_FILE,
     EVENTS_FILE,
     METRICS_FILE,
+    RunFolder,
     _config_differences,
     _short,
     check_parts,
     check_run_dir,
+    owned,
     pick_device,
     record_parts,
 )
@@ -75,6 +77,8 @@ class TrainResult:
     metrics: list[dict[str, Any]] = field(default_factory=list)
     run_dir: Path | None = None
     interrupted: bool = False
+    #: the signal that interrupted the run (SIGINT, SIGTERM), if one did
+    stop_signal: int | None = None
 
 
 def epoch_order(num_data: int, seed: int, epoch: int) -> torch.Tensor:
@@ -94,25 +98,32 @@ def _total_grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
 
 # -- the loop -----------------------------------------------------------------------------------
 class _StopRequest:
-    """Turns SIGINT into a flag the loop checks at step boundaries (main thread only)."""
+    """Turns SIGINT (Ctrl-C) and SIGTERM (what cluster schedulers send before a kill) into a
+    flag the loop checks at step boundaries (main thread only): the position is saved and the
+    run can be resumed. A second signal stops at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
         self.requested = False
-        self._previous: Any = None
+        self.signal: int | None = None
+        self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> _StopRequest:
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+            for signum in self.SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested:  # a second Ctrl-C stops at once
+        if self.requested:  # a second signal stops at once
             raise KeyboardInterrupt
         self.requested = True
+        self.signal = signum
 
     def __exit__(self, *exc: Any) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
 
 
 def _param_store_extras() -> dict[str, torch.Tensor]:
@@ -224,6 +235,9 @@ class Trainer:
         self.epoch, self.batch_in_epoch, self.global_step = 0, 0, 0
         self._epoch_loss, self._epoch_seconds, self._epoch_bad = 0.0, 0.0, 0
         self.bad_steps = 0
+        #: whether this trainer has written a checkpoint, and what to do after its first one
+        self.saved_once = False
+        self.after_first_save: Any = None
 
     # -- checkpoints --------------------------------------------------------------------------
     def _param_groups(self, cfg: Config) -> list[dict[str, Any]]:
@@ -283,6 +297,10 @@ class Trainer:
     def save(self) -> None:
         if self.run_dir is not None and self.workers.is_main:
             save_checkpoint(self.run_dir / CHECKPOINT_FILE, self.state_dict())
+            self.saved_once = True
+            if self.after_first_save is not None:
+                self.after_first_save()
+                self.after_first_save = None
 
     def resume(self) -> None:
         """Load the run folder's checkpoint; rewrite metrics.jsonl to match it."""
@@ -509,6 +527,8 @@ def fit(config: Config, run_dir: str | Path | None = None, *, resume: bool = Fal
             and the run records its classes so that it is never loaded into others.
     """
     config.validate()
+    if config.data.data_dir:  # stored resolved: the run works from any working directory
+        config.data.data_dir = str(Path(config.data.data_dir).expanduser().resolve())
     if config.train.tensorboard:  # before anything is written
         from .tensorboard import require_tensorboard
 
@@ -516,6 +536,17 @@ def fit(config: Config, run_dir: str | Path | None = None, *, resume: bool = Fal
     workers = distributed.setup(config.train.device)  # joins torchrun's processes, if any
     apply_threads(config.train.threads)
     run_dir = Path(run_dir) if run_dir is not None else None
+    if resume and overwrite:
+        raise ConfigError("resume=True and overwrite=True exclude each other")
+    if run_dir is not None:  # the folder's own checks, before it is locked (and created)
+        check_run_dir(run_dir, config, resume, overwrite, contents=False)
+    with owned(run_dir, enabled=workers.is_main) as folder:
+        return _fit_owned(config, run_dir, folder, workers, resume, overwrite, dataset, vae)
+
+
+def _fit_owned(config: Config, run_dir: Path | None, folder: RunFolder | None, workers: Any,
+               resume: bool, overwrite: bool, dataset: Dataset | None,
+               vae: VAE | None) -> TrainResult:
     if run_dir is not None:
         check_run_dir(run_dir, config, resume, overwrite)
     if dataset is None:
@@ -526,9 +557,22 @@ def fit(config: Config, run_dir: str | Path | None = None, *, resume: bool = Fal
     if run_dir is not None:
         if resume:
             trainer.resume()
+    try:
+        return _train_in_folder(config, run_dir, folder, workers, resume, trainer)
+    except BaseException:
+        if folder is not None and not trainer.saved_once:
+            folder.restore()  # an overwrite that failed before its first checkpoint
+        raise
+
+
+def _train_in_folder(config: Config, run_dir: Path | None, folder: RunFolder | None,
+                     workers: Any, resume: bool, trainer: Trainer) -> TrainResult:
     if run_dir is not None and workers.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        if not resume:
+        if not resume and folder is not None:
+            folder.set_aside()  # the old run goes only once the new one has a checkpoint
+            trainer.after_first_save = folder.discard_previous
+        elif not resume:
             for name in (METRICS_FILE, EVENTS_FILE, CHECKPOINT_FILE):
                 (run_dir / name).unlink(missing_ok=True)
         atomic_write_text(run_dir / CONFIG_FILE, config.to_toml())
@@ -548,7 +592,7 @@ def fit(config: Config, run_dir: str | Path | None = None, *, resume: bool = Fal
     if not finished:
         trainer.save()
     return TrainResult(config, trainer.vae, trainer.dataset, trainer.metrics, run_dir,
-                       interrupted=not finished)
+                       interrupted=not finished, stop_signal=stop.signal)
 
 
 
