@@ -118,6 +118,16 @@ PREVIOUS_RUN = ".previous-run"
 OWN_ENTRIES = (LOCK_FILE, PREVIOUS_RUN)
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class RunFolder:
     """A run folder owned by this process for the duration of a run.
 
@@ -134,6 +144,8 @@ class RunFolder:
         self.run_dir = Path(run_dir)
         self._fd: int | None = None
         self.created = False
+        self.lock_created = False
+        self.claimed = False
 
     def acquire(self) -> None:
         try:
@@ -142,22 +154,32 @@ class RunFolder:
             return
         self.created = not self.run_dir.exists()
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.lock_created = not (self.run_dir / LOCK_FILE).exists()
         fd = os.open(self.run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            owner = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            owner = os.read(fd, 32).decode(errors="replace").strip()
             os.close(fd)
+            owner = owner if owner.isdigit() and _alive(int(owner)) else "still starting up"
             raise CheckpointError(f"run folder {self.run_dir} is in use by another pyro-vae "
                                   f"process (pid {owner}); wait for it to finish, or choose "
                                   f"another run_dir") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd
         if (self.run_dir / PREVIOUS_RUN).is_dir():  # an overwrite that died before its
             self.restore()                           # first checkpoint: the old run comes back
 
+    def claim(self) -> None:
+        """Write this process's pid into the lock (once the folder's checks have passed, so
+        that a refused start changes nothing in the folder)."""
+        if self._fd is not None:
+            os.ftruncate(self._fd, 0)
+            os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
+            self.claimed = True
+
     def release(self, remove: bool = False) -> None:
+        if self._fd is not None and not self.claimed and self.lock_created:
+            (self.run_dir / LOCK_FILE).unlink(missing_ok=True)  # refused: leave no trace
         if self._fd is not None:
             os.close(self._fd)  # drops the flock
             self._fd = None

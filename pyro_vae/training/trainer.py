@@ -567,6 +567,8 @@ def _fit_owned(config: Config, run_dir: Path | None, folder: RunFolder | None, w
 
 def _train_in_folder(config: Config, run_dir: Path | None, folder: RunFolder | None,
                      workers: Any, resume: bool, trainer: Trainer) -> TrainResult:
+    if folder is not None:
+        folder.claim()  # the first write: every check has passed
     if run_dir is not None and workers.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         if not resume and folder is not None:
