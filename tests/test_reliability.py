@@ -972,3 +972,45 @@ def test_overwrite_leaves_nothing_of_the_old_run_and_a_failed_overwrite_restores
     fit(cfg, run, overwrite=True, dataset=small_data())
     entries = {p.name for p in run.iterdir()} - {".lock"}
     assert entries == {"config.toml", "checkpoint.pt", "metrics.jsonl", "events.jsonl"}
+
+
+@pytest.mark.parametrize("lr", ["1e20", "1e30"])
+def test_divergence_reaching_the_epoch_end_evaluation_stops_with_one_line(tmp_path, capsys, lr):
+    """Fewer steps per epoch than --max-bad-steps: every step of the diverged epoch is
+    skipped, and the epoch-end evaluation meets the broken model. One line, exit 2, and no
+    non-finite epoch in metrics.jsonl or the checkpoint."""
+    run = tmp_path / "run"
+    code, err = cli(capsys, "train", "--out", run, *TINY, "--epochs", "3", "--lr", lr,
+                    "--max-bad-steps", "1000", "--train-limit", "200")
+    assert code == 2, err
+    assert_refused(code, err, "the model diverged in epoch")
+    for record in read_jsonl(run / "metrics.jsonl"):
+        assert all(math.isfinite(v) for k, v in record.items() if isinstance(v, float))
+    if (run / "checkpoint.pt").exists():
+        state = load_checkpoint(run / "checkpoint.pt")
+        assert all(torch.isfinite(v).all() for v in state["vae"].values())
+    events = [e for e in read_jsonl(run / "events.jsonl") if e["event"] == "diverged"]
+    assert len(events) == 1
+
+
+@pytest.mark.parametrize("command", [["evaluate", "--num-samples", "2", "--limit", "2"],
+                                     ["score", "--num-samples", "2", "--limit", "2"],
+                                     ["sample", "--num-images", "4"]])
+def test_outputs_are_checked_before_anything_is_computed(tmp_path, capsys, finished_run,
+                                                         command, monkeypatch):
+    run, _ = finished_run
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    out = afile / ("samples" if command[0] == "sample" else "out.json")
+    from pyro_vae.app import commands
+
+    def no_compute(*args, **kwargs):
+        raise AssertionError("computed before checking the output path")
+
+    monkeypatch.setattr(commands, "importance_log_likelihood", no_compute)
+    monkeypatch.setattr(commands, "anomaly_scores", no_compute)
+    monkeypatch.setattr(commands, "elbo_terms", no_compute)
+    code, err = cli(capsys, command[0], run, *command[1:], "--out", out)
+    assert_refused(code, err, "afile")
+    code, err = cli(capsys, "variance", "--out", afile, "--draws", "2")
+    assert_refused(code, err, "afile")

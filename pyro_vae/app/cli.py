@@ -277,6 +277,9 @@ def _run_variance(args: argparse.Namespace) -> int:
     if (out / "variance.json").exists() and not args.overwrite:
         raise CheckpointError(f"{out} already holds variance.json; pass --overwrite or choose "
                               f"another --out")
+    from .commands import check_writable
+
+    check_writable(out)  # before anything is trained or measured
     for flag, values in (("--draws", [args.draws]), ("--oracle-draws", [args.oracle_draws]),
                          ("--measure-batch", [args.measure_batch]),
                          ("--latent-dims", args.latent_dims), ("--batch-sizes", args.batch_sizes)):
@@ -440,10 +443,20 @@ def _setup_logging(verbose: bool, quiet: bool) -> None:
     from ..inference.accelerators import LOG as PATHS
     from ..progress import LOG as PROGRESS
 
+    class _Stderr(logging.StreamHandler):
+        """Writes to whatever sys.stderr is when a record comes (main() may run many times
+        in one process, e.g. in tests, each with its own stderr)."""
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.stream = sys.stderr
+            super().emit(record)
+
     for logger, prefix, on in ((PATHS, "pyro-vae: path: ", verbose),
                                (PROGRESS, "pyro-vae: ", not quiet)):
-        if on and not logger.handlers:
-            handler = logging.StreamHandler(sys.stderr)
+        for old in [h for h in logger.handlers if type(h).__name__ == "_Stderr"]:
+            logger.removeHandler(old)
+        if on:
+            handler = _Stderr(sys.stderr)
             handler.setFormatter(logging.Formatter(prefix + "%(message)s"))
             logger.addHandler(handler)
             logger.setLevel(logging.INFO)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -115,10 +116,27 @@ def _read_grey(path: Path) -> torch.Tensor:
 
 
 def _check_new(paths: list[Path], overwrite: bool) -> None:
+    """Before anything is computed: the outputs do not exist (unless ``overwrite``) and can be
+    written (their folder exists or can be created, and is writable)."""
     existing = [str(p) for p in paths if p.exists()]
     if existing and not overwrite:
         raise CheckpointError(f"{existing[0]} already exists; pass overwrite=True to replace it or "
                               "choose another output path")
+    for path in paths:
+        check_writable(path.parent)
+
+
+def check_writable(folder: Path) -> None:
+    """CheckpointError unless ``folder`` is, or can be created as, a writable folder."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise CheckpointError(f"cannot write into {folder}: it is a file, not a folder")
+    nearest = next(p for p in (folder, *folder.absolute().parents) if p.exists())
+    if not nearest.is_dir():
+        raise CheckpointError(f"cannot create folder {folder}: {nearest} is a file")
+    if not os.access(nearest, os.W_OK | os.X_OK):
+        raise CheckpointError(f"cannot write into {nearest} (permission denied); choose another "
+                              f"output path")
 
 
 

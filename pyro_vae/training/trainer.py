@@ -458,6 +458,7 @@ class Trainer:
             good = num_batches - self._epoch_bad
             objective = self.objective(self.global_step - num_batches + 1, self.global_step)
             train_value = -self._epoch_loss / good if good else math.nan
+            evaluation = self._guarded_evaluation(train_value)
             # train_elbo only when the objective is the ELBO; test and validation ELBOs are
             # always the true ELBO (unscaled densities, pyro_vae.metrics)
             record = {"epoch": self.epoch + 1, "step": self.global_step,
@@ -465,7 +466,7 @@ class Trainer:
                       "train_objective": train_value, "objective": objective,
                       "kl_weight": self.kl_weight(self.global_step),
                       "lr": self.optimizer.param_groups[-1]["lr"],
-                      **self.evaluate(),
+                      **evaluation,
                       "seconds": self._epoch_seconds + time.perf_counter() - start,
                       "bad_steps": self._epoch_bad}
             self.metrics.append(record)
@@ -490,6 +491,30 @@ class Trainer:
                              self.early_stop["best_epoch"])
                 break
         return True
+
+    def _guarded_evaluation(self, train_value: float) -> dict[str, float]:
+        """The epoch-end evaluation, guarded like a step: a model that diverged (every step of
+        the epoch skipped, or a non-finite test or validation ELBO) stops the run with one
+        line, before the epoch reaches metrics.jsonl or a checkpoint, so the checkpoint kept
+        is the last finite one."""
+        try:
+            evaluation = self.evaluate()
+        except ValueError as e:  # Pyro's validation meeting NaN parameters
+            if isinstance(e, PyroVAEError) or "invalid values" not in str(e):
+                raise
+            evaluation = {"test_elbo": math.nan}
+        bad = {k: v for k, v in evaluation.items() if not math.isfinite(v)}
+        if math.isfinite(train_value) and not bad:
+            return evaluation
+        what = (f"a non-finite {', '.join(k.replace('_', ' ') for k in bad)}" if bad
+                else "every step skipped")
+        self._log_event({"event": "diverged", "epoch": self.epoch + 1,
+                         "step": self.global_step, "why": what})
+        saved = self.run_dir is not None and (self.run_dir / CHECKPOINT_FILE).is_file()
+        kept = "the last finite checkpoint is kept" if saved else "no checkpoint was written"
+        raise TrainingError(f"the model diverged in epoch {self.epoch + 1} ({what}); {kept}. "
+                            f"Try a lower train.lr, train.grad_clip, or a reparametrized "
+                            f"estimator")
 
     def _update_early_stop(self, record: dict[str, Any]) -> None:
         patience = self.cfg.train.early_stop_patience
