@@ -160,7 +160,8 @@ class TrainConfig:
     encoder_lr_scale: float = option(0.0, "the encoder's Adam rate is lr times this (0: the "
                                           "estimator's default: 0.1 for score, 1 otherwise)",
                                      check=_non_negative, need=">= 0")
-    seed: int = option(0, "random seed (data order, binarization, z draws, initialisation)")
+    seed: int = option(0, "random seed (data order, binarization, z draws, initialisation)",
+                       check=_non_negative, need=">= 0")
     device: str = option("auto", "auto picks cuda when available",
                          choices=["auto", "cpu", "cuda"])
     eval_batch_size: int = option(1000, "images per batch when evaluating", check=_positive,

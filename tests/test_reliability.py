@@ -1014,3 +1014,22 @@ def test_outputs_are_checked_before_anything_is_computed(tmp_path, capsys, finis
     assert_refused(code, err, "afile")
     code, err = cli(capsys, "variance", "--out", afile, "--draws", "2")
     assert_refused(code, err, "afile")
+
+
+def test_more_user_mistakes_are_one_line(tmp_path, capsys, finished_run):
+    run, _ = finished_run
+    code, err = cli(capsys, "train", "--out", tmp_path / "r", *TINY, "--seed", "-1")
+    assert_refused(code, err, "--seed -1 is invalid", ">= 0")
+    code, err = cli(capsys, "score", run, "--method", "elbo", "--num-particles", "0",
+                    "--out", tmp_path / "s.csv")
+    assert_refused(code, err, "must be a positive integer")
+    code, err = cli(capsys, "sample", run, "--num-pairs", "100000", "--out", tmp_path / "smp")
+    assert_refused(code, err, "--num-pairs 100000 is more than the")
+    assert not (tmp_path / "smp").exists()
+    broken = tmp_path / "broken"
+    shutil.copytree(run, broken)
+    state = load_checkpoint(broken / "checkpoint.pt")
+    del state["config"]
+    save_checkpoint(broken / "checkpoint.pt", state)
+    code, err = cli(capsys, "evaluate", broken, "--num-samples", "2")
+    assert_refused(code, err, "is incomplete: it has no config")

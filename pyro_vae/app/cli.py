@@ -494,6 +494,7 @@ def for_the_command_line(message: str) -> str:
     message = re.sub(r"\b(resume|overwrite)=True\b", lambda m: flag(m.group(1)), message)
     message = re.sub(r"\banother run_dir\b", "another --out", message)
     names = "|".join(_COMMAND_ARGUMENTS)
+    message = re.sub(rf"(?<![\w.-])({names}) = ", lambda m: f"{flag(m.group(1))} ", message)
     return re.sub(rf"(?<![\w.-])({names})(?= must| =|\b is\b)",
                   lambda m: flag(m.group(1)), message)
 

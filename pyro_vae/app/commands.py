@@ -241,6 +241,9 @@ def sample_run(run_dir: str | Path, out_dir: str | Path | None = None, seed: int
     _check_new(list(paths.values()), overwrite)
     x, labels = run_split(cfg, "test", image_shape=shape)
     x = x.to(next(vae.parameters()).device)
+    if 2 * num_pairs > len(x):
+        raise ConfigError(f"num_pairs = {num_pairs} is more than the {len(x) // 2} pairs the "
+                          f"{len(x)} test images make; ask for at most {len(x) // 2}")
     out_dir.mkdir(parents=True, exist_ok=True)
     ncols = max(1, int(math.ceil(math.sqrt(num_images))))
     with torch.random.fork_rng(devices=[]):

@@ -8,6 +8,7 @@ import torch
 
 from ..errors import ConfigError, DataError
 from ..models.vae import VAE
+from .checks import check_positive
 from .elbo import DEFAULT_ROWS_PER_STEP, elbo_terms
 from .loglik import log_likelihood
 
@@ -19,6 +20,7 @@ def anomaly_scores(vae: VAE, x: torch.Tensor, method: str = "nll", num_samples: 
     """Per-image anomaly score: -log p(x) estimated with ``num_samples`` importance samples
     (``nll``), or the negative single-draw-averaged ELBO (``elbo``, ``num_samples`` draws).
     Higher means less likely under the model."""
+    check_positive("num_samples", num_samples)
     if method == "nll":
         return -log_likelihood(vae, x, num_samples, batch_size, seed=seed, **kwargs)
     if method == "elbo":
