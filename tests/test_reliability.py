@@ -1016,8 +1016,10 @@ def test_outputs_are_checked_before_anything_is_computed(tmp_path, capsys, finis
     assert_refused(code, err, "afile")
 
 
-def test_more_user_mistakes_are_one_line(tmp_path, capsys, finished_run):
-    run, _ = finished_run
+def test_more_user_mistakes_are_one_line(tmp_path, capsys):
+    run = tmp_path / "run"
+    code, err = cli(capsys, "train", "--out", run, *TINY, "--train-limit", "200")
+    assert code == 0, err
     code, err = cli(capsys, "train", "--out", tmp_path / "r", *TINY, "--seed", "-1")
     assert_refused(code, err, "--seed -1 is invalid", ">= 0")
     code, err = cli(capsys, "score", run, "--method", "elbo", "--num-particles", "0",

@@ -60,10 +60,6 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
                               f"previous checkpoint, if any, is unchanged") from None
 
 
-#: What every pyro_vae checkpoint holds (load_run and --resume read these).
-REQUIRED_KEYS = ("config", "image_shape", "vae")
-
-
 def _unpickling_reason(error: Exception) -> str:
     """The line of torch's long weights-only error that names what was refused."""
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))
@@ -95,8 +91,14 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
                               f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     if not isinstance(state, dict) or "format" not in state:
         raise CheckpointError(f"{path} is not a pyro_vae checkpoint")
-    missing = [key for key in REQUIRED_KEYS if key not in state]
+    return state
+
+
+def require_keys(state: dict[str, Any], path: str | Path,
+                 keys: tuple[str, ...] = ("config", "image_shape", "vae")) -> None:
+    """CheckpointError unless a run's checkpoint holds ``keys`` (what load_run and --resume
+    read)."""
+    missing = [key for key in keys if key not in state]
     if missing:
         raise CheckpointError(f"checkpoint {path} is incomplete: it has no {', '.join(missing)} "
                               f"(saved by another program, or edited)")
-    return state

@@ -25,7 +25,7 @@ from ..config import Config
 from ..errors import CheckpointError, ConfigError
 from ..models.vae import VAE
 from ..registry import ENCODERS, ESTIMATORS, LIKELIHOODS, PRIORS, plugins_for, require_plugins
-from .checkpoint import load_checkpoint
+from .checkpoint import load_checkpoint, require_keys
 
 CONFIG_FILE = "config.toml"
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -291,6 +291,7 @@ def load_run(run_dir: str | Path, device: str = "cpu", vae: VAE | None = None
     if not (run_dir / CONFIG_FILE).is_file():
         raise CheckpointError(f"{run_dir} is not a run folder (no {CONFIG_FILE})")
     state = load_checkpoint(run_dir / CHECKPOINT_FILE, device)
+    require_keys(state, run_dir / CHECKPOINT_FILE)
     # pyro.module hands back a param-store tensor of the same name in preference to the
     # module's own, so a store left over from earlier work would shadow the loaded weights.
     pyro.clear_param_store()

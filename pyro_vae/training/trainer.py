@@ -45,7 +45,7 @@ from ..progress import LOG as PROGRESS
 from ..registry import ESTIMATORS
 from ..runtime import apply_threads
 from . import distributed
-from .checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
+from .checkpoint import atomic_write_text, load_checkpoint, require_keys, save_checkpoint
 from .runs import (
     CHECKPOINT_FILE,
     CHECKPOINT_FORMAT,
@@ -306,6 +306,8 @@ class Trainer:
         """Load the run folder's checkpoint; rewrite metrics.jsonl to match it."""
         assert self.run_dir is not None
         state = load_checkpoint(self.run_dir / CHECKPOINT_FILE, self.device)
+        require_keys(state, self.run_dir / CHECKPOINT_FILE,
+                     ("config", "image_shape", "vae", "optimizer", "position", "rng"))
         check_image_shape(state["image_shape"], self.dataset.image_shape,
                           f"cannot resume {self.run_dir}")
         # config.toml was compared in check_run_dir; the checkpoint carries its own copy, which
