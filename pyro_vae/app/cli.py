@@ -277,9 +277,9 @@ def _run_variance(args: argparse.Namespace) -> int:
     if (out / "variance.json").exists() and not args.overwrite:
         raise CheckpointError(f"{out} already holds variance.json; pass --overwrite or choose "
                               f"another --out")
-    from .commands import check_writable
+    from ..training.runs import check_writable
 
-    check_writable(out)  # before anything is trained or measured
+    check_writable(out, "--out")  # before anything is trained or measured
     for flag, values in (("--draws", [args.draws]), ("--oracle-draws", [args.oracle_draws]),
                          ("--measure-batch", [args.measure_batch]),
                          ("--latent-dims", args.latent_dims), ("--batch-sizes", args.batch_sizes)):

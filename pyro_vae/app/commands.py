@@ -8,7 +8,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from ..metrics.elbo import DEFAULT_ROWS_PER_STEP
 from ..metrics.latent import TSNE_POINTS
 from ..models.vae import VAE
 from ..training.checkpoint import atomic_write_text
+from ..training.runs import check_writable
 
 SPLITS = ("test", "val", "train")
 EVALUATION_FILE = "evaluation.json"
@@ -125,18 +125,6 @@ def _check_new(paths: list[Path], overwrite: bool) -> None:
     for path in paths:
         check_writable(path.parent)
 
-
-def check_writable(folder: Path) -> None:
-    """CheckpointError unless ``folder`` is, or can be created as, a writable folder."""
-    folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise CheckpointError(f"cannot write into {folder}: it is a file, not a folder")
-    nearest = next(p for p in (folder, *folder.absolute().parents) if p.exists())
-    if not nearest.is_dir():
-        raise CheckpointError(f"cannot create folder {folder}: {nearest} is a file")
-    if not os.access(nearest, os.W_OK | os.X_OK):
-        raise CheckpointError(f"cannot write into {nearest} (permission denied); choose another "
-                              f"output path")
 
 
 

@@ -64,6 +64,20 @@ def _config_differences(old: Config, new: Config) -> list[str]:
             if (s, k) not in RESUMABLE_KEYS and a[s][k] != b[s].get(k)]
 
 
+def check_writable(folder: Path, instead: str = "output path") -> None:
+    """CheckpointError unless ``folder`` is, or can be created as, a writable folder
+    (``instead``: what the message asks to choose another of)."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise CheckpointError(f"output path {folder} exists and is not a folder")
+    nearest = next(p for p in (folder, *folder.absolute().parents) if p.exists())
+    if not nearest.is_dir():
+        raise CheckpointError(f"cannot create output folder {folder}: {nearest} is a file")
+    if not os.access(nearest, os.W_OK | os.X_OK):
+        raise CheckpointError(f"cannot write to {nearest} (permission denied); choose another "
+                              f"{instead}")
+
+
 def check_run_dir(run_dir: Path, cfg: Config, resume: bool, overwrite: bool,
                   contents: bool = True) -> None:
     """Refuse to touch a folder that holds something else, before anything is written.
@@ -77,14 +91,7 @@ def check_run_dir(run_dir: Path, cfg: Config, resume: bool, overwrite: bool,
     """
     if resume and overwrite:
         raise ConfigError("resume=True and overwrite=True exclude each other")
-    if run_dir.exists() and not run_dir.is_dir():
-        raise CheckpointError(f"output path {run_dir} exists and is not a folder")
-    nearest = next(p for p in (run_dir, *run_dir.absolute().parents) if p.exists())
-    if not nearest.is_dir():
-        raise CheckpointError(f"cannot create output folder {run_dir}: {nearest} is a file")
-    if not os.access(nearest, os.W_OK | os.X_OK):
-        raise CheckpointError(f"cannot write to {nearest} (permission denied); choose another "
-                              f"run_dir")
+    check_writable(run_dir, "run_dir")
     if not contents:
         return
     entries = ([p for p in run_dir.iterdir() if p.name not in OWN_ENTRIES]
