@@ -9,7 +9,14 @@ from . import inference, models  # noqa: F401 - fill the registries before anyth
 from .app.train import train
 from .config import Config, DataConfig, ModelConfig, RunConfig, TrainConfig
 from .data import Dataset, Split, load_dataset, read_idx
-from .errors import CheckpointError, ConfigError, DataError, PyroVAEError, TrainingError
+from .errors import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    OutputError,
+    PyroVAEError,
+    TrainingError,
+)
 from .inference.accelerators import PathChoice
 from .inference.estimators import Estimator
 from .inference.program import inspect_program, log_weights, trace_program
@@ -57,7 +64,7 @@ __version__ = "0.2.0"
 __all__ = [
     "Config", "DataConfig", "ModelConfig", "TrainConfig", "RunConfig",
     "DATASETS", "Dataset", "Split", "load_dataset", "read_idx",
-    "PyroVAEError", "ConfigError", "DataError", "CheckpointError", "TrainingError",
+    "PyroVAEError", "ConfigError", "DataError", "CheckpointError", "TrainingError", "OutputError",
     "ESTIMATORS", "Estimator", "elbo_per_image",
     "ElboTerms", "LogLikelihood", "active_units", "anomaly_scores", "elbo_terms",
     "importance_log_likelihood", "log_likelihood",

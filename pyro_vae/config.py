@@ -18,6 +18,7 @@ from typing import Any
 
 from . import registry
 from .errors import ConfigError
+from .files import atomic_write_text, describe
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -250,6 +251,13 @@ class Config:
                 raw = tomllib.load(f)
         except FileNotFoundError:
             raise ConfigError(f"config file not found: {path}") from None
+        except IsADirectoryError:
+            raise ConfigError(f"config file {path} is a folder; pass a TOML file") from None
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {path}: {describe(e)}") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"config file {path} is not UTF-8 text (byte {e.start} is "
+                              f"0x{e.object[e.start]:02x}); pass a TOML file") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
         try:
@@ -264,7 +272,8 @@ class Config:
         return dump_toml(self.to_dict())
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(self.to_toml())
+        """Write the config as TOML, atomically (:mod:`pyro_vae.files`)."""
+        atomic_write_text(path, self.to_toml())
 
     def validate(self) -> Config:
         """Check every value and the combinations between them; return self.

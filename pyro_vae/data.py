@@ -163,6 +163,9 @@ def _torchvision_loader(name: str, cls_name: str) -> Callable[[DataConfig], Arra
         if cfg.data_dir and Path(cfg.data_dir).is_dir() and _find_idx(
                 Path(cfg.data_dir), "train-images-idx3-ubyte"):
             return (*read_idx_split(cfg.data_dir, "train"), *read_idx_split(cfg.data_dir, "t10k"))
+        if cfg.data_dir and Path(cfg.data_dir).exists() and not Path(cfg.data_dir).is_dir():
+            raise DataError(f"data folder {cfg.data_dir} is a file; pass the folder that holds "
+                            f"the IDX files")
         if cfg.data_dir and not Path(cfg.data_dir).is_dir():
             # A typo must not start a download into a new folder; downloading needs mkdir first.
             raise DataError(f"data folder {cfg.data_dir} does not exist (to download {name} "
@@ -202,6 +205,9 @@ DATASETS.update({
 
 
 def _to_split(images: np.ndarray, labels: np.ndarray, name: str) -> Split:
+    if len(images) == 0:
+        raise DataError(f"the {name} split holds no images; a dataset needs at least one "
+                        f"train and one test image")
     x = torch.from_numpy(np.ascontiguousarray(images)).reshape(len(images), -1)
     if images.dtype == np.uint8:
         x = x.float().div_(255.0)
@@ -245,6 +251,20 @@ def check_observations(dataset: Dataset, likelihood: str = "bernoulli") -> None:
         if split is None:
             continue
         x = split.images
+        if not isinstance(x, torch.Tensor) or not isinstance(split.labels, torch.Tensor):
+            raise DataError(f"{name} images and labels must be torch tensors, got "
+                            f"{type(x).__name__} and {type(split.labels).__name__}")
+        if x.dtype != torch.float32:
+            how = {torch.uint8: "images.float() / 255 for 8-bit grey levels",
+                   torch.bool: "images.float()"}.get(x.dtype, "images.float()")
+            raise DataError(f"{name} images have dtype {str(x.dtype).replace('torch.', '')}; "
+                            f"the model needs float32 grey levels in [0, 1]: pass {how}")
+        if split.labels.dtype.is_floating_point or split.labels.dtype == torch.bool:
+            raise DataError(f"{name} labels have dtype "
+                            f"{str(split.labels.dtype).replace('torch.', '')}; pass integer "
+                            f"labels (labels.long())")
+        if len(x) == 0:
+            raise DataError(f"the {name} split holds no images")
         if x.ndim != 2 or x.shape[1] != dataset.num_pixels:
             raise DataError(f"{name} images have shape {tuple(x.shape)}, expected (N, "
                             f"{dataset.num_pixels}) for images of shape {dataset.image_shape}")

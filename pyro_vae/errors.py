@@ -19,3 +19,9 @@ class CheckpointError(PyroVAEError):
 
 class TrainingError(PyroVAEError):
     """Training stopped because it cannot make progress (e.g. repeated non-finite losses)."""
+
+
+class OutputError(PyroVAEError):
+    """A file or folder the package must write cannot be written: a full disk (ENOSPC), a
+    read-only file system (EROFS), no permission (EACCES), a vanished folder (ENOENT). The
+    message names the path and the error; nothing is left half-written."""

@@ -33,6 +33,7 @@ from pyro_vae import (
     Config,
     DataError,
     Dataset,
+    OutputError,
     Split,
     TrainingError,
     fit,
@@ -177,6 +178,18 @@ def _missing_folder(tmp, d):
     return ["--dataset", "mnist", "--data-dir", tmp / "no-such-folder"], ["does not exist"]
 
 
+def _no_images(tmp, d):  # valid IDX files that hold zero images
+    folder = tmp / "idx"
+    write_split(folder, "train", d["train_x"][:0], d["train_y"][:0])
+    write_split(folder, "t10k", d["test_x"][:NUM_TEST], d["test_y"][:NUM_TEST])
+    return ["--dataset", "mnist", "--data-dir", folder], ["the train split holds no images"]
+
+
+def _data_dir_is_a_file(tmp, d):
+    (tmp / "afile").write_text("not a folder")
+    return ["--dataset", "mnist", "--data-dir", tmp / "afile"], ["is a file"]
+
+
 def _wrong_magic(tmp, d):
     folder = idx_folder(tmp / "idx", d)
     path = folder / "train-images-idx3-ubyte.gz"
@@ -254,7 +267,8 @@ def _train_test_sizes_differ(tmp, d):
 
 
 @pytest.mark.parametrize("make", [
-    _missing_folder, _wrong_magic, _truncated, _corrupt_gzip, _count_mismatch, _out_of_range,
+    _missing_folder, _no_images, _data_dir_is_a_file, _wrong_magic, _truncated, _corrupt_gzip,
+    _count_mismatch, _out_of_range,
     _nan_pixels, _inf_pixels, _conv_wrong_size, _train_test_sizes_differ,
 ], ids=lambda f: f.__name__.strip("_"))
 def test_bad_data_is_refused_before_anything_is_written(tmp_path, capsys, digits, make):
@@ -281,6 +295,29 @@ def test_bad_dataset_objects_are_refused_by_the_api(mnist5k_grey, change, needle
         fit(tiny_cfg(), dataset=dataset)
     for needle in needles:
         assert needle in str(info.value)
+
+
+@pytest.mark.parametrize("dtype, needles", [
+    (torch.float64, ["dtype float64", "images.float()"]),
+    (torch.uint8, ["dtype uint8", "images.float() / 255"]),
+    (torch.bool, ["dtype bool", "images.float()"]),
+], ids=["float64", "uint8", "bool"])
+def test_images_of_the_wrong_dtype_are_refused_before_anything_is_written(tmp_path, mnist5k_grey,
+                                                                          dtype, needles):
+    images = mnist5k_grey.train.images[:NUM_TRAIN]
+    images = (images * 255).to(dtype) if dtype == torch.uint8 else images.to(dtype)
+    dataset = Dataset("custom", (1, 28, 28), Split(images, mnist5k_grey.train.labels[:NUM_TRAIN]),
+                      mnist5k_grey.test)
+    with pytest.raises(DataError) as info:
+        fit(tiny_cfg(), tmp_path / "run", dataset=dataset)
+    for needle in needles:
+        assert needle in str(info.value)
+    assert not (tmp_path / "run").exists()  # a rerun with fixed images is not refused
+    fixed = Dataset("custom", (1, 28, 28), Split(mnist5k_grey.train.images[:NUM_TRAIN],
+                                                 mnist5k_grey.train.labels[:NUM_TRAIN].float()),
+                    mnist5k_grey.test)
+    with pytest.raises(DataError, match="train labels have dtype float32"):
+        fit(tiny_cfg(), tmp_path / "run", dataset=fixed)
 
 
 def tiny_cfg(**train) -> Config:
@@ -367,6 +404,19 @@ def test_bad_config_files_are_refused(tmp_path, capsys, text, needles):
     path.write_text(text)
     code, err = cli(capsys, "train", "--out", tmp_path / "run", "--config", path, *TINY)
     assert_refused(code, err, *needles)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_binary_file_or_a_folder_as_config_is_one_line(tmp_path, capsys):
+    binary = tmp_path / "photo.toml"
+    binary.write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff")
+    latin1 = tmp_path / "latin1.toml"
+    latin1.write_bytes("[train]\n# caf\u00e9\n".encode("latin-1"))
+    for path, needles in ((binary, ["is not UTF-8 text", "byte 0 is 0x89"]),
+                          (latin1, ["is not UTF-8 text", "0xe9"]),
+                          (tmp_path, ["is a folder", "pass a TOML file"])):
+        code, err = cli(capsys, "train", "--out", tmp_path / "run", "--config", path, *TINY)
+        assert_refused(code, err, str(path), *needles)
     assert not (tmp_path / "run").exists()
 
 
@@ -642,7 +692,7 @@ def test_a_failed_checkpoint_write_leaves_the_previous_one(tmp_path):
         f.write(b"PK\x03\x04 half a zip file")
         raise OSError("disk full")
 
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(OutputError, match=r"cannot write .*checkpoint.pt: disk full"):
         atomic_write_bytes(path, dies_half_way)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]  # no temporary left
@@ -658,7 +708,8 @@ def test_a_full_disk_is_a_clear_error_and_keeps_the_previous_checkpoint(tmp_path
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(os, "fsync", no_space)
-    with pytest.raises(CheckpointError, match="could not write checkpoint .*No space left"):
+    with pytest.raises(OutputError, match=r"cannot write .*checkpoint.pt: No space left on "
+                                          r"device \(ENOSPC\); the previous checkpoint"):
         save_checkpoint(path, {"format": 1, "weights": torch.zeros(5)})
     monkeypatch.undo()
     assert path.read_bytes() == before
@@ -1035,3 +1086,127 @@ def test_more_user_mistakes_are_one_line(tmp_path, capsys):
     save_checkpoint(broken / "checkpoint.pt", state)
     code, err = cli(capsys, "evaluate", broken, "--num-samples", "2")
     assert_refused(code, err, "is incomplete: it has no config")
+
+
+# -- OS faults on a real file system ---------------------------------------------------------------
+@pytest.fixture
+def small_disk(tmp_path):
+    """A small tmpfs mounted for the test: a real file system that fills up or turns read-only."""
+    if sys.platform != "linux" or os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root on Linux (the monkeypatched ENOSPC tests above "
+                    "still run)")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)],
+                          capture_output=True, text=True)
+    if done.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+def remount(disk: Path, options: str) -> None:
+    subprocess.run(["mount", "-o", f"remount,{options}", str(disk)], check=True)
+
+
+def fill(disk: Path) -> None:
+    """Write zeros until the file system has no free block left."""
+    fd = os.open(disk / "filler", os.O_WRONLY | os.O_CREAT)
+    try:
+        while True:
+            os.write(fd, bytes(1 << 16))
+    except OSError as e:
+        assert e.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
+
+
+@pytest.fixture(scope="module")
+def own_run(tmp_path_factory, digits) -> tuple[Path, Path]:
+    """(run folder, data folder) of a finished one-epoch run that no other test changes."""
+    root = tmp_path_factory.mktemp("own")
+    data = idx_folder(root / "idx", digits)
+    run = root / "run"
+    assert main(["train", "--out", str(run), "--dataset", "mnist", "--data-dir", str(data),
+                 *TINY]) == 0
+    return run, data
+
+
+@pytest.mark.parametrize("fault, code_name", [("full", "(ENOSPC)"), ("read-only", "(EROFS)")])
+def test_a_full_or_read_only_disk_gives_one_line_and_leaves_nothing(small_disk, capsys,
+                                                                    own_run, fault,
+                                                                    code_name):
+    run, data = own_run
+    out = small_disk / "out"
+    out.mkdir()
+    fill(small_disk) if fault == "full" else remount(small_disk, "ro")
+    before = snapshot(small_disk)
+    for argv in (["train", "--out", out / "run", "--dataset", "mnist", "--data-dir", data, *TINY],
+                 ["evaluate", run, "--num-samples", "2", "--limit", "4", "--out", out / "e.json"],
+                 ["sample", run, "--num-images", "4", "--out", out / "samples"],
+                 ["score", run, "--num-samples", "2", "--limit", "4", "--out", out / "s.csv"],
+                 ["variance", "--out", out / "variance", "--draws", "2", "--checkpoints", "0",
+                  "--measure-batch", "8", "--oracle-draws", "2", "--latent-dims", "2",
+                  "--batch-sizes", "8", "--no-progress"]):
+        code, err = cli(capsys, *argv)
+        assert_refused(code, err, str(out), code_name)
+        assert snapshot(small_disk) == before, argv[0]
+        assert list(out.iterdir()) == [], argv[0]  # no partial file, folder or temporary
+
+
+def test_a_disk_filling_up_during_training_keeps_the_last_checkpoint_and_resume_finishes(
+        small_disk, tmp_path, capsys, own_run):
+    run, data = own_run
+    flags = ["--dataset", "mnist", "--data-dir", data, *TINY, "--epochs", "2"]
+    reference = tmp_path / "reference"
+    assert cli(capsys, "train", "--out", reference, *flags)[0] == 0
+    size = (run / "checkpoint.pt").stat().st_size
+    # room for one checkpoint and the small files, not for the second checkpoint's temporary
+    remount(small_disk, f"size={size + size // 2 + (64 << 10)}")
+    out = small_disk / "run"
+    code, err = cli(capsys, "train", "--out", out, *flags)
+    assert_refused(code, err, str(out / "checkpoint.pt"), "(ENOSPC)",
+                   "the previous checkpoint, if any, is unchanged")
+    assert load_checkpoint(out / "checkpoint.pt")["position"]["epoch"] == 1
+    assert [m["epoch"] for m in read_jsonl(out / "metrics.jsonl")] == [1]  # agrees with it
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+    remount(small_disk, "size=16m")  # space freed: the run goes on from its checkpoint
+    code, err = cli(capsys, "train", "--out", out, *flags, "--resume")
+    assert code == 0, err
+    assert [m["epoch"] for m in read_jsonl(out / "metrics.jsonl")] == [1, 2]
+    mine, theirs = (load_checkpoint(p / "checkpoint.pt")["vae"] for p in (out, reference))
+    assert same_tensors(mine, theirs)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork") or os.geteuid() != 0,
+                    reason="runs the command as another user, which needs root (as non-root "
+                           "test_an_unwritable_output_folder_is_refused checks the same)")
+def test_permission_denied_for_an_ordinary_user_is_one_line():
+    import tempfile
+
+    shared = Path(tempfile.mkdtemp(prefix="pyro-vae-eacces-"))
+    try:
+        shared.chmod(0o777)
+        locked = shared / "locked"
+        locked.mkdir()
+        locked.chmod(0o555)
+        stderr = shared / "stderr.txt"
+        pid = os.fork()
+        if pid == 0:  # child: become "nobody" and run the command in this process
+            code = 99
+            try:
+                os.setgid(65534)
+                os.setuid(65534)
+                with open(stderr, "w") as f:
+                    sys.stderr = f
+                    code = main(["train", "--out", str(locked / "run"), *TINY])
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert_refused(os.WEXITSTATUS(status), stderr.read_text(), str(locked),
+                       "permission denied (EACCES)")
+        assert list(locked.iterdir()) == []
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)

@@ -270,8 +270,8 @@ def _run_variance(args: argparse.Namespace) -> int:
 
     from ..data import load_dataset
     from ..errors import CheckpointError, ConfigError
+    from ..files import atomic_write_text, make_folder, new_outputs
     from ..lab.experiment import variance_experiment, variance_rows
-    from ..training.checkpoint import atomic_write_text
 
     out = Path(args.out)
     if (out / "variance.json").exists() and not args.overwrite:
@@ -322,16 +322,18 @@ def _run_variance(args: argparse.Namespace) -> int:
         curve_steps=args.curve_steps, seed=cfg.train.seed, precision=args.draw_precision,
         runs=runs,
         log=lambda message: print(message, file=sys.stderr) if cfg.train.progress else None)
-    out.mkdir(parents=True, exist_ok=True)
-    rows = variance_rows(experiment)
-    atomic_write_text(out / "variance.json", json.dumps(experiment, indent=1))
-    header = list(rows[0]) if rows else []
-    atomic_write_text(out / "variance.csv", "".join(
-        ",".join(str(r[k]) for k in header) + "\n" for r in [dict(zip(header, header)), *rows]))
-    if not args.no_figures:
-        from .plots import write_variance_figures
+    with new_outputs([], out, own_folder=True):
+        make_folder(out)
+        rows = variance_rows(experiment)
+        atomic_write_text(out / "variance.json", json.dumps(experiment, indent=1))
+        header = list(rows[0]) if rows else []
+        atomic_write_text(out / "variance.csv", "".join(
+            ",".join(str(r[k]) for k in header) + "\n"
+            for r in [dict(zip(header, header)), *rows]))
+        if not args.no_figures:
+            from .plots import write_variance_figures
 
-        write_variance_figures(out, experiment)
+            write_variance_figures(out, experiment)
     if cfg.train.tensorboard:
         _variance_to_tensorboard(out, experiment)
     t = experiment["timing"]
@@ -522,6 +524,12 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command][2](args)
     except PyroVAEError as e:
         print(f"pyro-vae: error: {for_the_command_line(str(e))}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as e:  # an OS fault no check can foresee, such as a disk filling up mid-run
+        from ..files import output_error
+
+        where = e.filename if e.filename is not None else "a file"
+        print(f"pyro-vae: error: {output_error(where, e, 'use')}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("pyro-vae: interrupted", file=sys.stderr)

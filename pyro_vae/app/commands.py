@@ -6,6 +6,7 @@ run folder that writes files.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import time
@@ -15,6 +16,7 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointError, ConfigError, DataError
+from ..files import atomic_write_text, make_folder, new_outputs
 from ..metrics import (
     SCORE_METHODS,
     anomaly_scores,
@@ -31,7 +33,6 @@ from ..metrics.checks import check_positive
 from ..metrics.elbo import DEFAULT_ROWS_PER_STEP
 from ..metrics.latent import TSNE_POINTS
 from ..models.vae import VAE
-from ..training.checkpoint import atomic_write_text
 from ..training.runs import check_writable
 
 SPLITS = ("test", "val", "train")
@@ -179,8 +180,9 @@ def evaluate_run(run_dir: str | Path, split: str = "test", num_samples: int = 50
         "seed": seed,
         "paths": [ll.path.as_dict()] if ll.path is not None else [],
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out, json.dumps(result, indent=2) + "\n")
+    with new_outputs([out], out.parent):
+        make_folder(out.parent)
+        atomic_write_text(out, json.dumps(result, indent=2) + "\n")
     return result
 
 
@@ -210,7 +212,6 @@ def sample_run(run_dir: str | Path, out_dir: str | Path | None = None, seed: int
     (decoder means and draws), test reconstructions, latent interpolations, and the latent
     space (a scatter and the decoded manifold for a 2-D latent, otherwise a 2-D ``projection``
     of the test encodings: ``pca``, or ``tsne`` on the first TSNE_POINTS of them)."""
-    from . import plots
 
     check_positive("num_images", num_images)
     if projection not in ("pca", "tsne"):
@@ -232,7 +233,19 @@ def sample_run(run_dir: str | Path, out_dir: str | Path | None = None, seed: int
     if 2 * num_pairs > len(x):
         raise ConfigError(f"num_pairs = {num_pairs} is more than the {len(x) // 2} pairs the "
                           f"{len(x)} test images make; ask for at most {len(x) // 2}")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    with new_outputs(paths.values(), out_dir):
+        make_folder(out_dir)
+        _draw_samples(vae, cfg, x, labels, shape, paths, seed, num_images, num_pairs, steps,
+                      projection)
+    return paths
+
+
+def _draw_samples(vae: VAE, cfg: Any, x: torch.Tensor, labels: torch.Tensor,
+                  shape: tuple[int, ...], paths: dict[str, Path], seed: int, num_images: int,
+                  num_pairs: int, steps: int, projection: str) -> None:
+    from . import plots
+
+    two_d = "manifold" in paths
     ncols = max(1, int(math.ceil(math.sqrt(num_images))))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -270,7 +283,6 @@ def sample_run(run_dir: str | Path, out_dir: str | Path | None = None, seed: int
                                   f"test set: PCA of E_q[z|x] ({cfg.model.latent_dim}-D), "
                                   f"{100 * explained:.0f}% of variance",
                                   "principal component 1", "principal component 2")
-    return paths
 
 
 
@@ -307,11 +319,13 @@ def score_run(run_dir: str | Path, split: str = "test", images: str | Path | Non
     x = x.to(next(vae.parameters()).device)
     kwargs = {"precision": precision} if method == "nll" else {}
     scores = anomaly_scores(vae, x, method, num_samples, batch_size, seed=seed, **kwargs)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["index", "label" if images is None else "file", "score"])
-        for i, (label, score) in enumerate(zip(labels, scores.tolist(), strict=True)):
-            writer.writerow([i, label, f"{score:.4f}"])
+    table = io.StringIO(newline="")
+    writer = csv.writer(table)
+    writer.writerow(["index", "label" if images is None else "file", "score"])
+    for i, (label, score) in enumerate(zip(labels, scores.tolist(), strict=True)):
+        writer.writerow([i, label, f"{score:.4f}"])
+    with new_outputs([out], out.parent):
+        make_folder(out.parent)
+        atomic_write_text(out, table.getvalue())
     return out
 

@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..files import save_figure
+
 if TYPE_CHECKING:
     from ..training.trainer import TrainResult
 
@@ -45,7 +47,7 @@ def save_image_grid(path: str | Path, images: torch.Tensor, image_shape: Sequenc
     ax.set_axis_off()
     if title:
         ax.set_title(title, fontsize=9)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
+    save_figure(fig, path, dpi=100, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -69,7 +71,7 @@ def plot_loss_curve(path: str | Path, metrics: list[dict[str, Any]], title: str 
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
 
 
@@ -118,7 +120,7 @@ def plot_latent_scatter(path: str | Path, points: torch.Tensor, labels: torch.Te
               bbox_to_anchor=(1.0, 0.5))
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
 
 
@@ -139,7 +141,7 @@ def save_manifold(path: str | Path, images: torch.Tensor, coords: torch.Tensor,
     ax.set_ylabel("z2")
     ax.set_title("decoder means over the 2-D latent space", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path, dpi=100)
     plt.close(fig)
 
 
@@ -171,7 +173,7 @@ def plot_score_histogram(path: str | Path, normal: torch.Tensor, anomalous: torc
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
 
 
@@ -221,7 +223,7 @@ def _plot_variance_stat(path: str | Path, experiment: dict[str, Any], key: str, 
         ax.legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
 
 
@@ -247,7 +249,7 @@ def plot_training_curves(path: str | Path, curves: dict[str, dict[str, list]]) -
             ax.set_ylim(bottom, top + 0.05 * (top - bottom))
     fig.suptitle("ELBO during training, per estimator")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
 
 

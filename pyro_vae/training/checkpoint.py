@@ -3,43 +3,15 @@
 from __future__ import annotations
 
 import io
-import os
 import pickle
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..errors import CheckpointError
-
-
-def atomic_write_bytes(path: str | Path, write: Any) -> None:
-    """Write a file atomically: ``write(f)`` into a temporary file beside it, fsync, rename.
-
-    A crash at any moment leaves either the old file or the new one, never a partial file.
-    """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write_bytes(path, lambda f: f.write(text.encode()))
+from ..errors import CheckpointError, OutputError
+from ..files import atomic_write_bytes, atomic_write_text  # noqa: F401 - re-exported
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
@@ -55,9 +27,8 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
     torch.save(state, buffer)
     try:
         atomic_write_bytes(path, lambda f: f.write(buffer.getbuffer()))
-    except OSError as e:
-        raise CheckpointError(f"could not write checkpoint {path}: {e.strerror or e}; the "
-                              f"previous checkpoint, if any, is unchanged") from None
+    except OutputError as e:
+        raise OutputError(f"{e}; the previous checkpoint, if any, is unchanged") from None
 
 
 def _unpickling_reason(error: Exception) -> str:

@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from ..config import Config
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError, OutputError
+from ..files import make_folder, output_error
 from ..models.vae import VAE
 from ..registry import ENCODERS, ESTIMATORS, LIKELIHOODS, PRIORS, plugins_for, require_plugins
 from .checkpoint import load_checkpoint, require_keys
@@ -74,8 +75,9 @@ def check_writable(folder: Path, instead: str = "output path") -> None:
     if not nearest.is_dir():
         raise CheckpointError(f"cannot create output folder {folder}: {nearest} is a file")
     if not os.access(nearest, os.W_OK | os.X_OK):
-        raise CheckpointError(f"cannot write to {nearest} (permission denied); choose another "
-                              f"{instead}")
+        read_only = bool(os.statvfs(nearest).f_flag & os.ST_RDONLY)
+        why = ("read-only file system (EROFS)" if read_only else "permission denied (EACCES)")
+        raise OutputError(f"cannot write to {nearest}: {why}; choose another {instead}")
 
 
 def check_run_dir(run_dir: Path, cfg: Config, resume: bool, overwrite: bool,
@@ -160,9 +162,12 @@ class RunFolder:
         except ImportError:  # not POSIX: no lock (documented)
             return
         self.created = not self.run_dir.exists()
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        make_folder(self.run_dir)
         self.lock_created = not (self.run_dir / LOCK_FILE).exists()
-        fd = os.open(self.run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(self.run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise output_error(self.run_dir / LOCK_FILE, e, "create the lock file") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -180,8 +185,11 @@ class RunFolder:
         """Write this process's pid into the lock (once the folder's checks have passed, so
         that a refused start changes nothing in the folder)."""
         if self._fd is not None:
-            os.ftruncate(self._fd, 0)
-            os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
+            try:
+                os.ftruncate(self._fd, 0)
+                os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
+            except OSError as e:
+                raise output_error(self.run_dir / LOCK_FILE, e) from None
             self.claimed = True
 
     def release(self, remove: bool = False) -> None:
@@ -208,6 +216,12 @@ class RunFolder:
 
     def discard_previous(self) -> None:
         shutil.rmtree(self.run_dir / PREVIOUS_RUN, ignore_errors=True)
+
+    def clear(self) -> None:
+        """Delete what a new run wrote into the folder (the folder's own entries stay)."""
+        for entry in self._entries():
+            shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else \
+                entry.unlink(missing_ok=True)
 
     def restore(self) -> None:
         """Delete what a failed new run wrote and put the old run back."""

@@ -35,7 +35,8 @@ from ..data import (
     load_dataset,
     prepare_observations,
 )
-from ..errors import CheckpointError, ConfigError, PyroVAEError, TrainingError
+from ..errors import CheckpointError, ConfigError, OutputError, PyroVAEError, TrainingError
+from ..files import append_text, atomic_write_text, make_folder
 from ..inference.accelerators import PathChoice, choose_training_loss
 from ..inference.precision import keep_float32_outputs, precision_context
 from ..inference.program import inspect_program
@@ -45,7 +46,7 @@ from ..progress import LOG as PROGRESS
 from ..registry import ESTIMATORS
 from ..runtime import apply_threads
 from . import distributed
-from .checkpoint import atomic_write_text, load_checkpoint, require_keys, save_checkpoint
+from .checkpoint import load_checkpoint, require_keys, save_checkpoint
 from .runs import (
     CHECKPOINT_FILE,
     CHECKPOINT_FORMAT,
@@ -332,8 +333,7 @@ class Trainer:
     # -- training -----------------------------------------------------------------------------
     def _log_event(self, event: dict[str, Any]) -> None:
         if self.run_dir is not None and self.workers.is_main:
-            with open(self.run_dir / EVENTS_FILE, "a") as f:
-                f.write(json.dumps(event) + "\n")
+            append_text(self.run_dir / EVENTS_FILE, json.dumps(event) + "\n")
 
     def _loss_and_grads(self, x: torch.Tensor, num_data: int) -> float:
         """The minibatch loss, with its gradients left in ``.grad``: fast path, DDP or Pyro."""
@@ -478,14 +478,15 @@ class Trainer:
             self._update_early_stop(record)
             self.batch_in_epoch, self._epoch_loss = 0, 0.0
             self._epoch_seconds, self._epoch_bad = 0.0, 0
+            # The checkpoint first: metrics.jsonl never holds an epoch that has none (a failed
+            # write, such as a full disk, leaves the two files agreeing).
+            self.save()
             if self.run_dir is not None and self.workers.is_main:
-                with open(self.run_dir / METRICS_FILE, "a") as f:
-                    f.write(json.dumps(record) + "\n")
+                append_text(self.run_dir / METRICS_FILE, json.dumps(record) + "\n")
             if self.cfg.train.progress and self.workers.is_main:
                 PROGRESS.info("%s", _epoch_line(record, self.cfg.train.epochs))
             for callback in self.callbacks:
                 callback.on_epoch_end(self, record)
-            self.save()
             if self.early_stop["stopped"]:
                 _LOG.warning("early stop after epoch %d: the validation ELBO has not improved "
                              "for %d epochs (best %.2f at epoch %d)", self.epoch,
@@ -586,9 +587,11 @@ def _fit_owned(config: Config, run_dir: Path | None, folder: RunFolder | None, w
             trainer.resume()
     try:
         return _train_in_folder(config, run_dir, folder, workers, resume, trainer)
-    except BaseException:
+    except BaseException as error:
         if folder is not None and not trainer.saved_once:
             folder.restore()  # an overwrite that failed before its first checkpoint
+            if isinstance(error, OutputError) and not resume:
+                folder.clear()  # a disk fault before the first checkpoint leaves no run files
         raise
 
 
@@ -597,7 +600,7 @@ def _train_in_folder(config: Config, run_dir: Path | None, folder: RunFolder | N
     if folder is not None:
         folder.claim()  # the first write: every check has passed
     if run_dir is not None and workers.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        make_folder(run_dir)
         if not resume and folder is not None:
             folder.set_aside()  # the old run goes only once the new one has a checkpoint
             trainer.after_first_save = folder.discard_previous
