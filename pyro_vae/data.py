@@ -10,9 +10,11 @@ from __future__ import annotations
 import gzip
 import math
 import struct
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,6 +22,7 @@ import torch
 from .config import DataConfig
 from .errors import DataError
 from .registry import DATASETS
+from .runtime import check_memory
 
 #: Where Debian's ``dataset-fashion-mnist`` package installs the IDX files.
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -65,33 +68,54 @@ class Dataset:
 def read_idx(path: str | Path) -> np.ndarray:
     """Read one IDX file (the MNIST format), gzipped or not, into a numpy array.
 
+    The file is streamed: its header says how many bytes follow, the memory that takes is
+    checked (:func:`pyro_vae.runtime.check_memory`, with the float32 copy training makes), and
+    exactly that many bytes are read, so a decompression bomb is refused at its header or at
+    the first byte past what the header announced, never inflated.
+
     Raises:
         DataError: if the file is missing, has a wrong magic number, or is truncated.
+        ResourceError: if the images it announces would not fit in memory.
     """
     path = Path(path)
     try:
-        raw = path.read_bytes()
+        with open(path, "rb") as probe:
+            gzipped = probe.read(2) == b"\x1f\x8b"
+        stream = gzip.open(path, "rb") if gzipped else open(path, "rb")
     except OSError as e:
         raise DataError(f"cannot read IDX file {path}: {e.strerror}") from None
-    if raw[:2] == b"\x1f\x8b":
-        try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError) as e:
-            raise DataError(f"IDX file {path} is a corrupt gzip file: {e}") from None
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
-        raise DataError(f"IDX file {path} has a wrong magic number {raw[:4].hex() or '(empty)'}; "
+    try:
+        with stream:
+            return _read_idx_stream(path, stream)
+    except (OSError, EOFError, zlib.error) as e:
+        if not gzipped:
+            raise DataError(f"cannot read IDX file {path}: {e}") from None
+        raise DataError(f"IDX file {path} is a corrupt gzip file: {e}") from None
+
+
+def _read_idx_stream(path: Path, stream: Any) -> np.ndarray:
+    magic = stream.read(4)
+    if len(magic) < 4 or magic[0] != 0 or magic[1] != 0 or magic[2] not in _IDX_DTYPES:
+        raise DataError(f"IDX file {path} has a wrong magic number {magic.hex() or '(empty)'}; "
                         "expected 0000 followed by a type code and the number of dimensions")
-    dtype = np.dtype(_IDX_DTYPES[raw[2]])
-    ndim = raw[3]
-    header = 4 + 4 * ndim
-    if len(raw) < header:
+    dtype = np.dtype(_IDX_DTYPES[magic[2]])
+    ndim = magic[3]
+    dims = stream.read(4 * ndim)
+    if len(dims) < 4 * ndim:
         raise DataError(f"IDX file {path} is truncated inside its header")
-    shape = struct.unpack(f">{ndim}I", raw[4:header])
-    expected = header + math.prod(shape) * dtype.itemsize
-    if len(raw) != expected:
-        raise DataError(f"IDX file {path} is truncated or has trailing bytes: {len(raw)} bytes, "
-                        f"expected {expected} for shape {shape}")
-    values = np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape)
+    shape = struct.unpack(f">{ndim}I", dims)
+    size = math.prod(shape) * dtype.itemsize
+    # the raw values, then the float32 images made of them
+    check_memory(size + math.prod(shape) * 4, f"IDX file {path} (shape {shape})",
+                 "use a smaller dataset")
+    body = stream.read(size + 1)  # one byte more shows trailing bytes
+    if len(body) > size:
+        raise DataError(f"IDX file {path} has trailing bytes: more than the {4 + 4 * ndim + size} "
+                        f"bytes its header announces for shape {shape}")
+    if len(body) < size:
+        raise DataError(f"IDX file {path} is truncated: {4 + 4 * ndim + len(body)} bytes, "
+                        f"expected {4 + 4 * ndim + size} for shape {shape}")
+    values = np.frombuffer(body, dtype=dtype).reshape(shape)
     return values.astype(dtype.newbyteorder("="))
 
 

@@ -25,3 +25,8 @@ class OutputError(PyroVAEError):
     """A file or folder the package must write cannot be written: a full disk (ENOSPC), a
     read-only file system (EROFS), no permission (EACCES), a vanished folder (ENOENT). The
     message names the path and the error; nothing is left half-written."""
+
+
+class ResourceError(PyroVAEError):
+    """A computation would need more memory than the machine has (the estimate is made from the
+    sizes before anything is allocated; ``--memory-limit`` overrides the limit)."""

@@ -11,8 +11,12 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import math
+import os
 
 import torch
+
+from .errors import ConfigError, ResourceError
 
 
 def apply_threads(threads: int) -> None:
@@ -42,3 +46,92 @@ def reuse_freed_memory(limit_bytes: int = 1 << 30) -> bool:
         return False
     return bool(mallopt(_M_MMAP_THRESHOLD, limit_bytes)) and \
         bool(mallopt(_M_TRIM_THRESHOLD, limit_bytes))
+
+
+# -- memory bounds ---------------------------------------------------------------------------------
+#: The memory limit that :func:`check_memory` enforces: "auto" (the memory available now), None
+#: (no check) or a number of bytes. Set by ``--memory-limit`` or :func:`set_memory_limit`.
+_memory_limit: int | str | None = "auto"
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str) -> int | str | None:
+    """``"64G"``, ``"512M"``, ``"1000000"`` -> bytes; ``"auto"``; ``"off"`` -> None.
+
+    Raises:
+        ConfigError: for anything else.
+    """
+    value = text.strip().upper().removesuffix("B").removesuffix("I")
+    if value in ("AUTO", "OFF", "NONE"):
+        return None if value in ("OFF", "NONE") else "auto"
+    number, unit = (value[:-1], value[-1]) if value[-1:] in _UNITS and value[-1:] else (value, "")
+    try:
+        amount = float(number)
+    except ValueError:
+        amount = -1.0
+    if not math.isfinite(amount) or amount <= 0:
+        raise ConfigError(f"--memory-limit {text!r} is invalid: give a size such as 16G or "
+                          f"512M, auto (the memory available) or off")
+    return int(amount * _UNITS[unit])
+
+
+def set_memory_limit(limit: int | str | None) -> None:
+    """Set the limit of :func:`check_memory`: bytes, a size such as ``"64G"``, ``"auto"`` (the
+    default: the memory available when the check runs) or ``None``/``"off"`` (no check)."""
+    global _memory_limit
+    _memory_limit = parse_size(limit) if isinstance(limit, str) else limit
+
+
+def available_memory() -> int | None:
+    """Bytes this process can still allocate: the kernel's MemAvailable, capped by the cgroup
+    limit (containers); None where neither can be read."""
+    found = []
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    found.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f:
+            cap = f.read().strip()
+        if cap != "max":
+            with open("/sys/fs/cgroup/memory.current") as f:
+                found.append(int(cap) - int(f.read().strip()))
+    except (OSError, ValueError):
+        pass
+    if not found and hasattr(os, "sysconf"):
+        try:
+            found.append(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+        except (OSError, ValueError):
+            pass
+    return max(0, min(found)) if found else None
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("bytes", "KB", "MB", "GB", "TB", "PB"):
+        if abs(n) < 1024 or unit == "PB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} PB"  # pragma: no cover
+
+
+def check_memory(estimate: float, what: str, fix: str) -> None:
+    """Refuse, before allocating, a computation whose memory estimate exceeds the limit.
+
+    Args:
+        estimate: the bytes the computation needs at its peak, estimated from its sizes.
+        what: the computation, as the message names it (``"sample --num-images 100000000"``).
+        fix: what to change instead (``"ask for fewer images"``).
+
+    Raises:
+        ResourceError: one line naming the estimate, the limit and the way out.
+    """
+    limit = available_memory() if _memory_limit == "auto" else _memory_limit
+    if limit is None or estimate <= limit:
+        return
+    source = "available" if _memory_limit == "auto" else "allowed by --memory-limit"
+    raise ResourceError(f"{what} needs about {human_bytes(estimate)} of memory but "
+                        f"{human_bytes(limit)} is {source}; {fix}, or set --memory-limit "
+                        f"(Python: pyro_vae.runtime.set_memory_limit) if the estimate is wrong")

@@ -7,7 +7,8 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "pyro_vae"
 #: Lower number = lower layer; a module may import its own layer and those below.
-LAYERS = {"errors": 0, "registry": 1, "config": 2, "runtime": 2, "progress": 2, "data": 3,
+LAYERS = {"errors": 0, "files": 1, "registry": 1, "config": 2, "runtime": 2, "progress": 2,
+          "data": 3,
           "models": 4, "inference": 5, "metrics": 6, "training": 7, "lab": 8, "app": 9}
 
 

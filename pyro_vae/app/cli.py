@@ -399,6 +399,9 @@ def _add_global_options(parser: argparse.ArgumentParser, top: bool) -> None:
                         "computation takes, and why")
     parser.add_argument("--quiet", action="store_true", default=False if top else default,
                         help="no progress bars or progress lines; only results and errors")
+    parser.add_argument("--memory-limit", metavar="SIZE", default="auto" if top else default,
+                        help="refuse computations whose memory estimate exceeds SIZE (16G, "
+                        "512M); auto (default): the memory available; off: no check")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -516,11 +519,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pyro-vae: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     args = build_parser().parse_args(argv)
-    from ..runtime import reuse_freed_memory
+    from ..runtime import reuse_freed_memory, set_memory_limit
 
     reuse_freed_memory()
     _setup_logging(args.verbose, args.quiet)
     try:
+        set_memory_limit(args.memory_limit)
         return COMMANDS[args.command][2](args)
     except PyroVAEError as e:
         print(f"pyro-vae: error: {for_the_command_line(str(e))}", file=sys.stderr)

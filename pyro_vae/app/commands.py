@@ -32,7 +32,9 @@ from ..metrics import (
 from ..metrics.checks import check_positive
 from ..metrics.elbo import DEFAULT_ROWS_PER_STEP
 from ..metrics.latent import TSNE_POINTS
+from ..metrics.loglik import log_weight_memory
 from ..models.vae import VAE
+from ..runtime import check_memory
 from ..training.runs import check_writable
 
 SPLITS = ("test", "val", "train")
@@ -228,6 +230,10 @@ def sample_run(run_dir: str | Path, out_dir: str | Path | None = None, seed: int
         names.append("manifold")
     paths = {n: out_dir / f"{n}.png" for n in names}
     _check_new(list(paths.values()), overwrite)
+    pixels = math.prod(shape)
+    side = math.ceil(math.sqrt(num_images))  # the grid image: RGBA float canvases, twice
+    check_memory(log_weight_memory(vae, num_images, 1, pixels) + 2 * 16 * side ** 2 * pixels,
+                 f"sample --num-images {num_images}", "ask for fewer images")
     x, labels = run_split(cfg, "test", image_shape=shape)
     x = x.to(next(vae.parameters()).device)
     if 2 * num_pairs > len(x):

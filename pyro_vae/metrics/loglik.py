@@ -22,6 +22,7 @@ from ..inference.accelerators.bernoulli_mlp import AUTO_COMPILE_SAMPLES
 from ..inference.program import log_weights, trace_program
 from ..models.vae import VAE
 from ..progress import Progress
+from ..runtime import check_memory
 from .checks import check_observations_shape, check_positive
 
 PRECISIONS = ("float32", "bfloat16")
@@ -186,6 +187,10 @@ def importance_log_likelihood(vae: VAE, x: torch.Tensor, num_samples: int = 5000
         raise ConfigError(f"precision bfloat16 applies only to the fused path, which this "
                           f"program does not take ({choice.reason}); use float32")
     check_positive("workers", workers)
+    check_memory(log_weight_memory(vae, min(batch_size, x.shape[0]), min(chunk_size, num_samples),
+                                   x.shape[1]),
+                 f"log p(x) with --batch-size {batch_size} x --chunk-size {chunk_size}",
+                 "lower --batch-size or --chunk-size")
     if workers > 1 and x.shape[0] > 1 and x.device.type == "cpu":
         return _parallel_log_likelihood(
             vae, x, workers, first_index, progress=progress, num_samples=num_samples,
@@ -193,7 +198,8 @@ def importance_log_likelihood(vae: VAE, x: torch.Tensor, num_samples: int = 5000
             fast=fast, compile=compile)
     estimates, stderrs = [], []
     k_total = num_samples
-    bar = Progress(x.shape[0], "log-likelihood", "images", enabled=progress)
+    # counted in samples (images x K), so that even one batch of a huge K shows its ETA
+    bar = Progress(x.shape[0] * num_samples, "log-likelihood", "samples", enabled=progress)
     for first in range(0, x.shape[0], batch_size):
         xb = x[first:first + batch_size]
         if use_fast:
@@ -214,6 +220,7 @@ def importance_log_likelihood(vae: VAE, x: torch.Tensor, num_samples: int = 5000
             lw = lw.float()
             acc1 = torch.logaddexp(acc1, torch.logsumexp(lw, 1).double())
             acc2 = torch.logaddexp(acc2, torch.logsumexp(2 * lw, 1).double())
+            bar.update(xb.shape[0] * k)
         log_k = math.log(k_total)
         estimates.append(acc1 - log_k)
         if k_total > 1:
@@ -222,7 +229,6 @@ def importance_log_likelihood(vae: VAE, x: torch.Tensor, num_samples: int = 5000
             stderrs.append((rel_var / k_total).sqrt())
         else:
             stderrs.append(torch.full_like(acc1, math.nan))
-        bar.update(xb.shape[0])
     bar.close()
     return LogLikelihood(torch.cat(estimates).float(), torch.cat(stderrs).float(), num_samples,
                          choice)
@@ -261,7 +267,8 @@ def _parallel_log_likelihood(vae: VAE, x: torch.Tensor, workers: int, first_inde
     slices = len(bounds) - 1
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(workers, mp_context=context) as pool, \
-            Progress(x.shape[0], "log-likelihood", "images", enabled=progress) as bar:
+            Progress(x.shape[0] * kwargs["num_samples"], "log-likelihood", "samples",
+                     enabled=progress) as bar:
         futures = {pool.submit(_worker_log_likelihood, vae, x[lo:hi].clone(),
                                {**kwargs, "workers": 1, "first_index": first_index + lo}):
                    (i, hi - lo) for i, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:]))}
@@ -269,10 +276,18 @@ def _parallel_log_likelihood(vae: VAE, x: torch.Tensor, workers: int, first_inde
         for future in as_completed(futures):
             i, size = futures[future]
             parts[i] = future.result()
-            bar.update(size)
+            bar.update(size * kwargs["num_samples"])
     return LogLikelihood(torch.cat([p.estimate for p in parts]),
                          torch.cat([p.stderr for p in parts]), parts[0].num_samples,
                          parts[0].path)
+
+
+def log_weight_memory(vae: VAE, batch: int, chunk: int, num_pixels: int) -> int:
+    """Bytes of one step of the log-weights: ``batch x chunk`` rows of z, each with its
+    decoder activations (every parameter tensor's output width, as a generous bound) and the
+    image-sized likelihood terms, in float32, twice for the temporaries of the kernels."""
+    widths = sum(p.shape[0] for p in vae.parameters() if p.ndim >= 2)
+    return 2 * 4 * batch * chunk * (widths + 3 * num_pixels)
 
 
 def log_likelihood(vae: VAE, x: torch.Tensor, num_samples: int = 5000, batch_size: int = 8,

@@ -41,10 +41,11 @@ from ..inference.accelerators import PathChoice, choose_training_loss
 from ..inference.precision import keep_float32_outputs, precision_context
 from ..inference.program import inspect_program
 from ..metrics.elbo import elbo_per_image
+from ..metrics.loglik import log_weight_memory
 from ..models.vae import VAE
 from ..progress import LOG as PROGRESS
 from ..registry import ESTIMATORS
-from ..runtime import apply_threads
+from ..runtime import apply_threads, check_memory
 from . import distributed
 from .checkpoint import load_checkpoint, require_keys, save_checkpoint
 from .runs import (
@@ -147,6 +148,22 @@ def _rng_state() -> dict[str, Any]:
     return state
 
 
+def training_memory(cfg: Config, image_shape: tuple[int, int, int]) -> int | None:
+    """Bytes training the configured model needs, estimated before anything is allocated: the
+    model is built on torch's ``meta`` device (shapes, no storage) and counted. Each parameter
+    has its value, gradient and Adam's two moments (float32); a step holds the activations of
+    ``batch x particles`` rows (:func:`pyro_vae.metrics.loglik.log_weight_memory`). None when a
+    part cannot be built on the meta device (then nothing is checked)."""
+    try:
+        with torch.device("meta"):
+            model = VAE.from_config(cfg, image_shape)
+    except Exception:  # noqa: BLE001 - a plugin part that needs real storage: no estimate
+        return None
+    params = sum(p.numel() for p in model.parameters())
+    rows = cfg.train.batch_size * max(1, cfg.train.num_particles)
+    return 16 * params + 2 * log_weight_memory(model, rows, 1, math.prod(image_shape))
+
+
 def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
@@ -181,6 +198,11 @@ class Trainer:
         pyro.set_rng_seed(cfg.train.seed)
         estimator = ESTIMATORS[cfg.train.estimator]
         if vae is None:
+            estimate = training_memory(cfg, dataset.image_shape)
+            if estimate is not None:
+                check_memory(estimate, f"a model with --latent-dim {cfg.model.latent_dim} and "
+                             f"--hidden-dims {list(cfg.model.hidden_dims)}",
+                             "choose smaller sizes")
             vae = VAE.from_config(cfg, dataset.image_shape)
         else:  # the user's own VAE: it trains with the configured estimator
             vae.estimator = estimator
