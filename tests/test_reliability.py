@@ -1210,3 +1210,84 @@ def test_permission_denied_for_an_ordinary_user_is_one_line():
         assert list(locked.iterdir()) == []
     finally:
         shutil.rmtree(shared, ignore_errors=True)
+
+
+# -- resource bounds --------------------------------------------------------------------------------
+def test_sizes_that_would_not_fit_in_memory_are_refused_before_allocating(tmp_path, capsys,
+                                                                          own_run):
+    run, data = own_run
+    code, err = cli(capsys, "train", "--out", tmp_path / "big", "--latent-dim", "20000000",
+                    "--no-progress")
+    assert_refused(code, err, "--latent-dim 20000000", "GB of memory but", "--memory-limit")
+    code, err = cli(capsys, "sample", run, "--num-images", "100000000", "--out",
+                    tmp_path / "samples")
+    assert_refused(code, err, "--num-images 100000000", "TB of memory")
+    assert not (tmp_path / "big").exists() and not (tmp_path / "samples").exists()
+    # the limit can be set: a tiny one refuses even the data, "off" lifts it
+    flags = ["--dataset", "mnist", "--data-dir", data, *TINY]
+    code, err = cli(capsys, "--memory-limit", "10K", "train", "--out", tmp_path / "r", *flags)
+    assert_refused(code, err, "shape (300, 28, 28)", "10.0 KB is allowed by --memory-limit")
+    code, err = cli(capsys, "train", "--out", tmp_path / "r", *flags, "--memory-limit", "zz")
+    assert_refused(code, err, "--memory-limit 'zz' is invalid")
+    assert cli(capsys, "--memory-limit", "off", "train", "--out", tmp_path / "r", *flags)[0] == 0
+
+
+def _gzip_idx(path: Path, shape: tuple[int, ...], payload_bytes: int) -> None:
+    """A gzipped IDX file whose header announces ``shape`` followed by ``payload_bytes`` zeros."""
+    import zlib
+
+    packer = zlib.compressobj(6, zlib.DEFLATED, 31)
+    header = bytes([0, 0, 8, len(shape)]) + b"".join(n.to_bytes(4, "big") for n in shape)
+    parts = [packer.compress(header)]
+    for _ in range(payload_bytes >> 20):
+        parts.append(packer.compress(bytes(1 << 20)))
+    parts.append(packer.compress(bytes(payload_bytes & ((1 << 20) - 1))))
+    path.write_bytes(b"".join([*parts, packer.flush()]))
+
+
+def test_a_gzip_bomb_is_refused_without_being_inflated(tmp_path, capsys, digits):
+    import tracemalloc
+
+    from pyro_vae.data import read_idx
+
+    bomb = tmp_path / "bomb.gz"
+    _gzip_idx(bomb, (300, 28, 28), 256 << 20)  # 256 MB of zeros after a 235 KB header
+    assert bomb.stat().st_size < (1 << 20)
+    tracemalloc.start()
+    try:
+        with pytest.raises(DataError, match="has trailing bytes: more than the 235216 bytes"):
+            read_idx(bomb)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < (16 << 20), peak  # never more than the announced images, not the 256 MB
+    # a header that announces more images than memory holds is refused at the header
+    folder = idx_folder(tmp_path / "idx", digits)
+    _gzip_idx(folder / "train-images-idx3-ubyte.gz", (2_000_000_000, 28, 28), 1 << 20)
+    code, err = cli(capsys, "train", "--out", tmp_path / "run", "--dataset", "mnist",
+                    "--data-dir", folder, *TINY)
+    assert_refused(code, err, "shape (2000000000, 28, 28)", "TB of memory but")
+
+
+def test_a_long_evaluation_reports_progress_with_an_eta_in_a_log(own_run, caplog, monkeypatch):
+    from pyro_vae.metrics import loglik
+    from pyro_vae.progress import Progress
+    from pyro_vae.training.runs import load_run
+
+    run, _ = own_run
+    _, vae, _ = load_run(run)
+    x = torch.bernoulli(torch.full((3, 784), 0.3))
+
+    class EveryStep(Progress):  # a log line at every update instead of every 30 s
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**kwargs, "every": 0.0})
+
+    monkeypatch.setattr(loglik, "Progress", EveryStep)
+    monkeypatch.setattr(loglik, "on_terminal", lambda: False, raising=False)
+    with caplog.at_level("INFO", logger="pyro_vae.progress"):
+        loglik.importance_log_likelihood(vae, x, num_samples=3000, batch_size=3, chunk_size=500,
+                                         progress=True)
+    lines = [r.getMessage() for r in caplog.records if r.name == "pyro_vae.progress"]
+    # one batch of 3 images, yet a line per chunk of samples, each with an ETA
+    assert len(lines) >= 4, lines
+    assert lines[0].startswith("log-likelihood: 1500/9000 samples") and "ETA" in lines[0]
