@@ -360,7 +360,7 @@ class Trainer:
 
     def objective(self, first_step: int, last_step: int) -> str:
         """The name of the objective trained between two steps: ``elbo`` when it is the ELBO."""
-        if self.estimator.surrogate == "importance-weighted":
+        if self.estimator.surrogate in ("importance-weighted", "doubly-reparametrized"):
             return f"iwae bound (K={self.cfg.train.num_particles})"
         if self._program_scale is not None:
             return f"scaled objective ({self._program_scale} in the program)"
