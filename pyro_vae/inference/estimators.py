@@ -30,6 +30,7 @@ from ..registry import ESTIMATORS, PRIORS
 
 if TYPE_CHECKING:
     from ..config import Config
+    from .program import ProgramStructure
 
 
 # -- how the guide samples z ----------------------------------------------------------------------
@@ -408,6 +409,8 @@ class Estimator:
         min_particles: smallest useful ``--num-particles`` (2 for the importance-weighted bound,
             which with one particle is the plain ELBO).
         default_particles: the particles used when ``--num-particles`` is 0 (the default).
+        needs_rsample: every guide site must be reparametrizable (``has_rsample``); the trainer
+            refuses other guides before anything is written (:meth:`check_program`).
         encoder_lr_scale: the encoder's Adam learning rate is ``--lr`` times this. Adam takes
             steps of about ``lr`` per parameter whatever the gradient's noise, so an encoder
             gradient with a signal-to-noise ratio near 0.025 (plain REINFORCE, measured in
@@ -428,6 +431,7 @@ class Estimator:
     min_particles: int = 1
     default_particles: int = 1
     encoder_lr_scale: float = 1.0
+    needs_rsample: bool = False
 
     @property
     def score_function(self) -> bool:
@@ -447,6 +451,14 @@ class Estimator:
             raise ConfigError(f"estimator {self.name} needs train.num_particles >= "
                               f"{self.min_particles}, got {cfg.train.num_particles} (with one "
                               f"particle the importance-weighted bound is the plain ELBO)")
+
+    def check_program(self, structure: ProgramStructure) -> None:
+        """Raise ConfigError if this estimator cannot train the traced program ``structure``."""
+        for site in structure.guide_sites if self.needs_rsample else ():
+            if not site.has_rsample:
+                kind = "(".join(t.__name__ for t in site.types) + ")" * (len(site.types) - 1)
+                raise ConfigError(f"estimator {self.name} needs a reparametrized guide; guide "
+                                  f"site {site.name!r} is {kind}, which has no rsample")
 
 
 #: Estimator name -> Estimator (the registry lives in :mod:`pyro_vae.registry`). Adding an
@@ -483,10 +495,10 @@ ESTIMATORS.update({
         "iwae", "importance-weighted bound with K = --num-particles samples (default 5), "
                 "reparametrized",
         _iwae_elbo, draw_loss=_draw_iwae, surrogate="importance-weighted", min_particles=2,
-        default_particles=5),
+        default_particles=5, needs_rsample=True),
     "dreg": Estimator(
         "dreg", "importance-weighted bound, doubly-reparametrized encoder gradient (Tucker et "
                 "al. 2019), K = --num-particles (default 5)",
         _dreg_elbo, draw_loss=_draw_dreg, surrogate="doubly-reparametrized", min_particles=2,
-        default_particles=5),
+        default_particles=5, needs_rsample=True),
 })

@@ -209,6 +209,7 @@ class Trainer:
         # a poutine.scale of the user's own (not the KL weight) makes the objective another one
         self.vae.kl_weight = 1.0
         structure = inspect_program(self.vae, probe[:2], len(self.dataset.train))
+        estimator.check_program(structure)
         self._program_scale = next((f"site {s.name!r} scaled by {s.extra_scale:g}"
                                     for s in (*structure.guide_sites, *structure.model_sites)
                                     if s.extra_scale != 1.0), None)
