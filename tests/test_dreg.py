@@ -130,3 +130,20 @@ def test_cli_trains_with_dreg_and_reports_the_iwae_bound(tmp_path):
     assert record["train_objective"] < 0 and record["test_elbo"] < 0
     with pytest.raises(ConfigError, match="num_particles >= 2"):
         tiny_config(estimator="dreg", num_particles=1).validate()
+
+
+def test_snr_script_runs(tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "iwae_dreg_snr.py"
+    spec = importlib.util.spec_from_file_location("iwae_dreg_snr", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.main(["--out", str(tmp_path), "--epochs", "0", "--hidden-dims", "16",
+                        "--latent-dim", "2", "--ks", "1", "2", "4", "--draws", "4",
+                        "--batch", "4", "--no-figure"]) == 0
+    result = json.loads((tmp_path / "iwae_dreg_snr.json").read_text())
+    assert set(result["slopes"]) == {"iwae", "dreg"} and result["ks"] == [1, 2, 4]
+    assert result["snr"]["dreg"]["2"]["path"]["path"] == "func"
+    assert "slope of log(median SNR)" in capsys.readouterr().out
