@@ -142,8 +142,11 @@ def test_snr_script_runs(tmp_path, capsys):
     spec.loader.exec_module(script)
     assert script.main(["--out", str(tmp_path), "--epochs", "0", "--hidden-dims", "16",
                         "--latent-dim", "2", "--ks", "1", "2", "4", "--draws", "4",
-                        "--batch", "4", "--no-figure"]) == 0
+                        "--control-dim", "2", "--control-draws", "4", "--batch", "4",
+                        "--no-figure"]) == 0
     result = json.loads((tmp_path / "iwae_dreg_snr.json").read_text())
-    assert set(result["slopes"]) == {"iwae", "dreg"} and result["ks"] == [1, 2, 4]
-    assert result["snr"]["dreg"]["2"]["path"]["path"] == "func"
+    for setting in ("control", "digits"):
+        assert set(result[setting]["slopes"]) == {"iwae", "dreg"}
+        assert result[setting]["snr"]["dreg"]["2"]["path"]["path"] == "func"
+        assert set(result[setting]["ess"]) == {"1", "2", "4"}
     assert "slope of log(median SNR)" in capsys.readouterr().out
