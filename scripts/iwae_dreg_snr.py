@@ -9,7 +9,7 @@ fixed minibatch (the variance lab's vectorized draws, each path held to Pyro's
 (Rainforth et al. 2018); the script reports the median (and mean) over the encoder's and over
 the decoder's parameters and fits the slope of log SNR against log K.
 
-* ``control``: the linear-Gaussian model of Rainforth et al. (2018, section 4):
+* ``control``: a linear-Gaussian model like the one Rainforth et al. (2018, section 4) use:
   z ~ N(mu, I), x | z ~ N(z, I) in ``--control-dim`` dimensions, a linear Gaussian encoder set
   to the exact posterior N((mu + x) / 2, I / 2) and then perturbed (each parameter by N(0,
   0.01^2)). The importance weights are then nearly equal, which is the regime of the theory.
@@ -155,7 +155,7 @@ THEORY = {"iwae": {"encoder": -0.5, "decoder": 0.5},
           "dreg": {"encoder": "no decay (>= 0)", "decoder": 0.5}}
 
 
-# -- the linear-Gaussian control (Rainforth et al. 2018, section 4) ------------------------------
+# -- the linear-Gaussian control (after Rainforth et al. 2018, section 4) -------------------------
 class LinearGaussianEncoder(nn.Module):
     """q(z|x) = N(A x + c, diag(softplus(raw)^2))."""
 
@@ -170,8 +170,8 @@ class LinearGaussianEncoder(nn.Module):
 
 
 class ShiftedNormal(nn.Module):
-    """p(x|z) = N(z + shift, I); with p(z) = N(0, I) this is z ~ N(mu, I), x ~ N(z, I) for
-    mu = shift / 2 and x centred... written as a shift of x so that the prior stays N(0, I)."""
+    """p(x|z) = N(z + shift, I). With p(z) = N(0, I) this is z ~ N(mu, I), x | z ~ N(z, I) with
+    mu = shift, written with a centred latent so that the prior stays the package's N(0, I)."""
 
     def __init__(self, dim: int):
         super().__init__()
