@@ -35,10 +35,10 @@ def _draws(vae: VAE, name: str, k: int, n: int, seed: int = 11) -> dict[str, tor
 
 def test_mean_gradient_is_the_exact_iwae_gradient_and_the_decoder_gets_iwae_s():
     """Linear-Gaussian VAE, K = 3: the exact gradient of the IWAE bound by Gauss-Hermite
-    quadrature (40 nodes per particle). DReG's mean over 20,000 draws is within 4.5 standard
+    quadrature (40 nodes per particle). DReG's mean over 12,000 draws is within 4.5 standard
     errors of it for every parameter; its decoder gradient is IWAE's draw for draw (same
     noise), and its encoder gradient is less noisy than IWAE's."""
-    k, n = 3, 20000
+    k, n = 3, 12000
     vae = _linear_gaussian_vae("dreg").double()
     vae.zero_grad()
     (-_exact_objective(vae, X, k)).backward()
@@ -77,10 +77,16 @@ def test_loss_is_the_iwae_bound_and_the_plate_scale_multiplies_the_images():
         torch.testing.assert_close(scaled[name], 10 * g)
 
 
-def test_lab_draws_equal_pyro_and_the_probe_refuses_a_draw_loss_that_is_not_pyros(mnist5k_grey):
+@pytest.mark.parametrize("prior", ["standard-normal", "vamp"])
+def test_lab_draws_equal_pyro_and_the_probe_refuses_a_draw_loss_that_is_not_pyros(
+        prior, mnist5k_grey):
+    # The VampPrior evaluates the encoder at its pseudo-inputs: that direct dependence of
+    # log p(z) on the encoder is weighted by w~_k, the path through z_k by w~_k^2.
     cfg = tiny_config(estimator="dreg")
     cfg.model.hidden_dims = [32]
     cfg.model.latent_dim = 4
+    cfg.model.prior = prior
+    cfg.model.prior_components = 5
     vae = VAE.from_config(cfg, (1, 28, 28))
     x = (mnist5k_grey.train.images[:16] > 0.5).float()
     paths: list = []
@@ -88,7 +94,7 @@ def test_lab_draws_equal_pyro_and_the_probe_refuses_a_draw_loss_that_is_not_pyro
     fast = list(gradient_draws(vae, "dreg", x, 3, num_particles=4, chunk_size=1, paths=paths))
     torch.manual_seed(5)
     slow = list(gradient_draws(vae, "dreg", x, 3, num_particles=4, vectorized=False))
-    assert paths[0].path == "func" and "hand: estimator dreg has a doubly" in paths[0].reason
+    assert paths[0].path == "func" and "hand: " in paths[0].reason
     for a, b in zip(fast, slow, strict=True):
         for name in b:
             scale = b[name].abs().max().item()

@@ -22,7 +22,9 @@ import torch
 from pyro import poutine
 from pyro.distributions.score_parts import ScoreParts
 from pyro.infer import ELBO, Trace_ELBO, TraceGraph_ELBO, TraceMeanField_ELBO
+from pyro.infer.util import is_validation_enabled
 from pyro.poutine.util import prune_subsample_sites
+from pyro.util import check_model_guide_match, check_site_shape
 from torch import nn
 
 from ..errors import ConfigError
@@ -234,15 +236,33 @@ class DReG_ELBO(IWAE_ELBO):
     gradient, whose noise does not shrink with K, is replaced by its reparametrized expectation.
 
     Surrogate (two model passes): the guide draws z_k once; the model is replayed on it to get
-    the weights w~ (no gradient needed from this pass); then the model is replayed on
-    z'_k = z_k.detach() + w~_k (z_k - z_k.detach()), which equals z_k but carries w~_k times its
-    gradient back to phi. Differentiating sum_k w~_k log w_k(z'_k) gives w~_k for every direct
-    dependence on a parameter (the decoder, the prior -- including an encoder the prior uses, as
-    the VampPrior does) and w~_k * w~_k for the path through z_k. A detached correction makes the
-    surrogate's value the bound. Only reparametrized guides are accepted.
+    the weights w~ (without a graph: nothing is differentiated through this pass); then the
+    model is replayed on z'_k = z_k.detach() + w~_k (z_k - z_k.detach()), which equals z_k but
+    carries w~_k times its gradient back to phi. Differentiating sum_k w~_k log w_k(z'_k) gives
+    w~_k for every direct dependence on a parameter (the decoder, the prior -- including an
+    encoder the prior uses, as the VampPrior does) and w~_k * w~_k for the path through z_k. A
+    detached correction makes the surrogate's value the bound. Only reparametrized guides are
+    accepted.
     """
 
     name = "dreg"
+
+    def _get_trace(self, model, guide, args, kwargs):  # noqa: ANN001 - Pyro's signature
+        # The first model pass only gives the weights, so it builds no graph.
+        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+        with torch.no_grad():
+            model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
+                *args, **kwargs)
+        if is_validation_enabled():
+            check_model_guide_match(model_trace, guide_trace, self.max_plate_nesting)
+        traces = prune_subsample_sites(model_trace), prune_subsample_sites(guide_trace)
+        with torch.no_grad():
+            for trace in traces:
+                trace.compute_log_prob()
+                for site in trace.nodes.values():
+                    if site["type"] == "sample" and is_validation_enabled():
+                        check_site_shape(site, self.max_plate_nesting)
+        return traces
 
     def _surrogate(self, model, guide, *args, **kwargs) -> torch.Tensor:  # noqa: ANN001
         model_trace, guide_trace = next(self._get_traces(model, guide, args, kwargs))
