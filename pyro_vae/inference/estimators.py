@@ -229,7 +229,7 @@ class DReG_ELBO(IWAE_ELBO):
     importance weights, the gradients are
 
         decoder and prior (theta): sum_k w~_k grad_theta log p(x, z_k)           (as IWAE)
-        encoder (phi):             sum_k w~_k^2 d log w_k / d z_k  d z_k / d phi  (eq. 7)
+        encoder (phi):             sum_k w~_k^2 d log w_k / d z_k  d z_k / d phi
 
     where log w_k = log p(x, z_k) - log q(z_k|x) is differentiated through z_k only (the
     density of q taken with its parameters detached): the score term of IWAE's encoder
