@@ -117,14 +117,15 @@ TINY = ["--hidden-dims", "16", "--latent-dim", "2", "--batch-size", "32", "--epo
         "--train-limit", "128", "--no-progress", "--no-figures"]
 
 
-def test_refused_with_one_line_for_a_guide_without_rsample(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("name", ["dreg", "iwae"])
+def test_refused_with_one_line_for_a_guide_without_rsample(name, tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(ENCODERS, "not-reparametrized", _NotReparametrized)
-    code = main(["train", "--out", str(tmp_path / "run"), *TINY, "--estimator", "dreg",
+    code = main(["train", "--out", str(tmp_path / "run"), *TINY, "--estimator", name,
                  "--encoder", "not-reparametrized"])
     lines = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(lines) == 1, lines
-    assert lines[0] == ("pyro-vae: error: estimator dreg needs a reparametrized guide; guide "
-                        "site 'z' is Independent(NonreparameterizedNormal), which has no rsample")
+    assert lines[0] == (f"pyro-vae: error: estimator {name} needs a reparametrized guide; guide "
+                        f"site 'z' is Independent(NonreparameterizedNormal), which has no rsample")
     assert not (tmp_path / "run").exists()  # refused before anything is written
 
 
