@@ -136,7 +136,7 @@ class TrainConfig:
 
     estimator: str = option("reparam", "gradient estimator of the ELBO", choices=_estimator_names)
     num_particles: int = option(0, "samples of z per data point in each gradient estimate (0: "
-                                   "the estimator's default, 1, or 5 for iwae)",
+                                   "the estimator's default, 1, or 5 for iwae and dreg)",
                                 check=_non_negative, need=">= 0")
     epochs: int = option(10, "number of passes over the training set", check=_positive,
                          need="> 0")

@@ -19,8 +19,12 @@ from typing import TYPE_CHECKING, Any
 import pyro
 import pyro.distributions as dist
 import torch
+from pyro import poutine
 from pyro.distributions.score_parts import ScoreParts
 from pyro.infer import ELBO, Trace_ELBO, TraceGraph_ELBO, TraceMeanField_ELBO
+from pyro.infer.util import is_validation_enabled
+from pyro.poutine.util import prune_subsample_sites
+from pyro.util import check_model_guide_match, check_site_shape
 from torch import nn
 
 from ..errors import ConfigError
@@ -28,6 +32,7 @@ from ..registry import ESTIMATORS, PRIORS
 
 if TYPE_CHECKING:
     from ..config import Config
+    from .program import ProgramStructure
 
 
 # -- how the guide samples z ----------------------------------------------------------------------
@@ -177,19 +182,30 @@ class IWAE_ELBO(ELBO):
             "flat", self.max_plate_nesting, model, guide, args, kwargs)
         return model_trace, guide_trace
 
-    def _surrogate(self, model, guide, *args, **kwargs) -> torch.Tensor:  # noqa: ANN001
-        model_trace, guide_trace = next(self._get_traces(model, guide, args, kwargs))
+    #: The registry name that error messages give.
+    name = "iwae"
+
+    def _log_weights(self, model_trace, guide_trace) -> tuple[torch.Tensor, Any]:  # noqa: ANN001
+        """log p(x, z_k) - log q(z_k|x) per particle and image, ``(K, batch)``, from unscaled
+        densities; and the scale of site ``z`` (the plate's subsampling scale)."""
         log_w, scale = 0.0, 1.0
         for trace, sign in ((model_trace, 1.0), (guide_trace, -1.0)):
             for site in trace.nodes.values():
                 if site["type"] != "sample":
                     continue
                 if sign < 0 and not site["fn"].has_rsample:
-                    raise ConfigError("estimator iwae needs a reparametrized guide")
+                    raise ConfigError(f"estimator {self.name} needs a reparametrized guide; guide "
+                                      f"site {site['name']!r} is {type(site['fn']).__name__}, "
+                                      f"which has no rsample")
                 log_p = site["unscaled_log_prob"]
                 log_w = log_w + sign * log_p.reshape(self.num_particles, -1)
                 if site["name"] == "z":
                     scale = site["scale"]
+        return log_w, scale
+
+    def _surrogate(self, model, guide, *args, **kwargs) -> torch.Tensor:  # noqa: ANN001
+        model_trace, guide_trace = next(self._get_traces(model, guide, args, kwargs))
+        log_w, scale = self._log_weights(model_trace, guide_trace)
         bound = torch.logsumexp(log_w, dim=0) - math.log(self.num_particles)  # (batch,)
         return -(bound * scale).sum()
 
@@ -204,6 +220,76 @@ class IWAE_ELBO(ELBO):
         surrogate = self._surrogate(model, guide, *args, **kwargs)
         surrogate.backward()
         return surrogate.item()
+
+
+class DReG_ELBO(IWAE_ELBO):
+    """The IWAE bound with doubly-reparametrized gradients (Tucker, Lawson, Gu & Maddison 2019).
+
+    The value is the importance-weighted bound of :class:`IWAE_ELBO`. With w~_k the normalised
+    importance weights, the gradients are
+
+        decoder and prior (theta): sum_k w~_k grad_theta log p(x, z_k)           (as IWAE)
+        encoder (phi):             sum_k w~_k^2 d log w_k / d z_k  d z_k / d phi
+
+    where log w_k = log p(x, z_k) - log q(z_k|x) is differentiated through z_k only (the
+    density of q taken with its parameters detached): the score term of IWAE's encoder
+    gradient, whose noise does not shrink with K, is replaced by its reparametrized expectation.
+
+    Surrogate (two model passes): the guide draws z_k once; the model is replayed on it to get
+    the weights w~ (without a graph: nothing is differentiated through this pass); then the
+    model is replayed on z'_k = z_k.detach() + w~_k (z_k - z_k.detach()), which equals z_k but
+    carries w~_k times its gradient back to phi. Differentiating sum_k w~_k log w_k(z'_k) gives
+    w~_k for every direct dependence on a parameter (the decoder, the prior -- including an
+    encoder the prior uses, as the VampPrior does) and w~_k * w~_k for the path through z_k. A
+    detached correction makes the surrogate's value the bound. Only reparametrized guides are
+    accepted.
+    """
+
+    name = "dreg"
+
+    def _get_trace(self, model, guide, args, kwargs):  # noqa: ANN001 - Pyro's signature
+        # The first model pass only gives the weights, so it builds no graph.
+        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+        with torch.no_grad():
+            model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
+                *args, **kwargs)
+        if is_validation_enabled():
+            check_model_guide_match(model_trace, guide_trace, self.max_plate_nesting)
+        traces = prune_subsample_sites(model_trace), prune_subsample_sites(guide_trace)
+        with torch.no_grad():
+            for trace in traces:
+                trace.compute_log_prob()
+                for site in trace.nodes.values():
+                    if site["type"] == "sample" and is_validation_enabled():
+                        check_site_shape(site, self.max_plate_nesting)
+        return traces
+
+    def _surrogate(self, model, guide, *args, **kwargs) -> torch.Tensor:  # noqa: ANN001
+        model_trace, guide_trace = next(self._get_traces(model, guide, args, kwargs))
+        log_w, scale = self._log_weights(model_trace, guide_trace)
+        log_w = log_w.detach()
+        bound = torch.logsumexp(log_w, dim=0) - math.log(self.num_particles)  # (batch,)
+        weights = torch.softmax(log_w, dim=0)  # (K, batch)
+        reweighted = guide_trace.copy()
+        for name, site in guide_trace.nodes.items():
+            if site["type"] == "sample":
+                value = site["value"]
+                w = weights.reshape(weights.shape + (1,) * (value.dim() - weights.dim()))
+                reweighted.nodes[name] = dict(site, value=value.detach()
+                                              + w * (value - value.detach()))
+        replayed = poutine.trace(poutine.replay(self._vectorized_num_particles(model),
+                                                trace=reweighted)).get_trace(*args, **kwargs)
+        path_log_w = 0.0
+        for trace, sign in ((prune_subsample_sites(replayed), 1.0), (reweighted, -1.0)):
+            for site in trace.nodes.values():
+                if site["type"] != "sample":
+                    continue
+                fn = site["fn"] if sign > 0 else detached(site["fn"])
+                log_p = fn.log_prob(site["value"])
+                path_log_w = path_log_w + sign * log_p.reshape(self.num_particles, -1)
+        surrogate = (weights * path_log_w).sum(0)
+        per_image = surrogate + (bound - surrogate).detach()
+        return -(per_image * scale).sum()
 
 
 def _trace_elbo(cfg: Config) -> ELBO:
@@ -223,6 +309,10 @@ def _tracegraph_elbo(cfg: Config) -> ELBO:
 
 def _iwae_elbo(cfg: Config) -> ELBO:
     return IWAE_ELBO(num_particles=cfg.train.num_particles or ESTIMATORS["iwae"].default_particles)
+
+
+def _dreg_elbo(cfg: Config) -> ELBO:
+    return DReG_ELBO(num_particles=cfg.train.num_particles or ESTIMATORS["dreg"].default_particles)
 
 
 # -- the same surrogates as functions of one draw (for vectorized variance measurement) -----------
@@ -292,6 +382,21 @@ def _draw_iwae(d: Draw) -> torch.Tensor:
     return -(torch.logsumexp(log_w, dim=0) - math.log(d.eps.shape[0])).mean()
 
 
+def _draw_dreg(d: Draw) -> torch.Tensor:
+    # DReG_ELBO's surrogate for one draw: weights from a pass without gradient, then each
+    # particle's path gradient scaled by its weight (see DReG_ELBO).
+    z = d.z()
+    base = d.q.base_dist
+    stopped = dist.Normal(base.loc.detach(), base.scale.detach(), validate_args=False).to_event(1)
+    with torch.no_grad():
+        log_w = d.log_joint(z) - stopped.log_prob(z)  # (particles, batch)
+    weights = torch.softmax(log_w, dim=0)
+    z_w = z.detach() + weights[..., None] * (z - z.detach())
+    surrogate = (weights * (d.log_joint(z_w) - stopped.log_prob(z_w))).sum(0)
+    bound = torch.logsumexp(log_w, dim=0) - math.log(d.eps.shape[0])
+    return -(surrogate + (bound - surrogate).detach()).mean()
+
+
 # -- the registry ---------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Estimator:
@@ -316,13 +421,16 @@ class Estimator:
         surrogate: the form of the surrogate for the latent site, which kernels that reproduce
             it (:mod:`pyro_vae.inference.accelerators`) read instead of the name:
             ``pathwise``, ``path-derivative`` (log q with detached parameters),
-            ``analytic-kl``, ``score-function`` or ``importance-weighted``.
+            ``analytic-kl``, ``score-function``, ``importance-weighted`` or
+            ``doubly-reparametrized`` (the importance-weighted bound with DReG gradients).
         baseline: ``"avg"`` or ``"nn"`` when the score-function term uses a baseline.
         needs_closed_form_kl: the ELBO integrates KL(q || p) analytically, so the prior must
             be a diagonal Normal.
         min_particles: smallest useful ``--num-particles`` (2 for the importance-weighted bound,
             which with one particle is the plain ELBO).
         default_particles: the particles used when ``--num-particles`` is 0 (the default).
+        needs_rsample: every guide site must be reparametrizable (``has_rsample``); the trainer
+            refuses other guides before anything is written (:meth:`check_program`).
         encoder_lr_scale: the encoder's Adam learning rate is ``--lr`` times this. Adam takes
             steps of about ``lr`` per parameter whatever the gradient's noise, so an encoder
             gradient with a signal-to-noise ratio near 0.025 (plain REINFORCE, measured in
@@ -343,6 +451,7 @@ class Estimator:
     min_particles: int = 1
     default_particles: int = 1
     encoder_lr_scale: float = 1.0
+    needs_rsample: bool = False
 
     @property
     def score_function(self) -> bool:
@@ -362,6 +471,14 @@ class Estimator:
             raise ConfigError(f"estimator {self.name} needs train.num_particles >= "
                               f"{self.min_particles}, got {cfg.train.num_particles} (with one "
                               f"particle the importance-weighted bound is the plain ELBO)")
+
+    def check_program(self, structure: ProgramStructure) -> None:
+        """Raise ConfigError if this estimator cannot train the traced program ``structure``."""
+        for site in structure.guide_sites if self.needs_rsample else ():
+            if not site.has_rsample:
+                kind = "(".join(t.__name__ for t in site.types) + ")" * (len(site.types) - 1)
+                raise ConfigError(f"estimator {self.name} needs a reparametrized guide; guide "
+                                  f"site {site.name!r} is {kind}, which has no rsample")
 
 
 #: Estimator name -> Estimator (the registry lives in :mod:`pyro_vae.registry`). Adding an
@@ -398,5 +515,10 @@ ESTIMATORS.update({
         "iwae", "importance-weighted bound with K = --num-particles samples (default 5), "
                 "reparametrized",
         _iwae_elbo, draw_loss=_draw_iwae, surrogate="importance-weighted", min_particles=2,
-        default_particles=5),
+        default_particles=5, needs_rsample=True),
+    "dreg": Estimator(
+        "dreg", "importance-weighted bound, doubly-reparametrized encoder gradient (Tucker et "
+                "al. 2019), K = --num-particles (default 5)",
+        _dreg_elbo, draw_loss=_draw_dreg, surrogate="doubly-reparametrized", min_particles=2,
+        default_particles=5, needs_rsample=True),
 })

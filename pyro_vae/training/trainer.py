@@ -232,6 +232,7 @@ class Trainer:
         # a poutine.scale of the user's own (not the KL weight) makes the objective another one
         self.vae.kl_weight = 1.0
         structure = inspect_program(self.vae, probe[:2], len(self.dataset.train))
+        estimator.check_program(structure)
         self._program_scale = next((f"site {s.name!r} scaled by {s.extra_scale:g}"
                                     for s in (*structure.guide_sites, *structure.model_sites)
                                     if s.extra_scale != 1.0), None)
@@ -382,7 +383,7 @@ class Trainer:
 
     def objective(self, first_step: int, last_step: int) -> str:
         """The name of the objective trained between two steps: ``elbo`` when it is the ELBO."""
-        if self.estimator.surrogate == "importance-weighted":
+        if self.estimator.surrogate in ("importance-weighted", "doubly-reparametrized"):
             return f"iwae bound (K={self.cfg.train.num_particles})"
         if self._program_scale is not None:
             return f"scaled objective ({self._program_scale} in the program)"
