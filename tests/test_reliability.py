@@ -1212,7 +1212,7 @@ def test_permission_denied_for_an_ordinary_user_is_one_line():
         shutil.rmtree(shared, ignore_errors=True)
 
 
-# -- resource bounds --------------------------------------------------------------------------------
+# -- resource bounds -------------------------------------------------------------------------------
 def test_sizes_that_would_not_fit_in_memory_are_refused_before_allocating(tmp_path, capsys,
                                                                           own_run):
     run, data = own_run

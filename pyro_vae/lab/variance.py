@@ -406,16 +406,17 @@ def _probe(draw: Any, vae: VAE, estimator: Estimator, x: torch.Tensor,
     """Compare one draw of an accelerated path (``draw(eps)``) with Pyro's on the same noise:
     why they differ, or None. The global RNG is left as it was."""
     latent_dim = vae.prior().event_shape[0]
-    with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+    # both sides in float32: the probe checks the kernel's structure, not a precision
+    with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []), \
+            torch.autocast(x.device.type, enabled=False):
         torch.manual_seed(PROBE_SEED)
         want = next(iter(_pyro_draws(vae, estimator, x, params, 1, num_particles, baseline)))
         torch.manual_seed(PROBE_SEED)  # the guide's rsample draws exactly this noise
         eps = torch.randn(1, num_particles, x.shape[0], latent_dim, device=x.device)
-        with torch.autocast(x.device.type, enabled=False):
-            try:
-                got = draw(eps)
-            except Exception as e:  # noqa: BLE001 - a kernel that cannot run here is not used
-                got = f"the probe draw failed ({type(e).__name__}: {str(e)[:80]})"
+        try:
+            got = draw(eps)
+        except Exception as e:  # noqa: BLE001 - a kernel that cannot run here is not used
+            got = f"the probe draw failed ({type(e).__name__}: {str(e)[:80]})"
     if isinstance(got, str):
         return got
     missing = sorted(set(want) - set(got))
