@@ -153,3 +153,12 @@ def test_resume_after_an_interrupt_repeats_warmup_schedule_and_early_stop(tmp_pa
     assert _without_time(resumed.metrics) == _without_time(straight.metrics)
     for p, q in zip(straight.vae.parameters(), resumed.vae.parameters(), strict=True):
         assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("estimator", ["iwae", "dreg"])
+@pytest.mark.parametrize("setting", [{"beta": 0.5}, {"kl_warmup_epochs": 2}])
+def test_kl_weights_are_refused_for_the_importance_weighted_bound(estimator, setting):
+    # the bound has no KL term: a weight on the latent sites would scale the whole bound
+    cfg = tiny_config(estimator=estimator, **setting)
+    with pytest.raises(ConfigError, match="has no KL term"):
+        fit(cfg, dataset=small_dataset())

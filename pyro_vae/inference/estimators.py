@@ -465,6 +465,12 @@ class Estimator:
                 raise ConfigError(f"estimator {self.name} needs a closed-form KL, which prior "
                                   f"{cfg.model.prior} does not have; use "
                                   f"train.estimator=\"reparam\"")
+        if self.surrogate in ("importance-weighted", "doubly-reparametrized") and (
+                cfg.train.beta != 1.0 or cfg.train.kl_warmup_epochs):
+            raise ConfigError(f"estimator {self.name} optimizes the importance-weighted bound, "
+                              f"which has no KL term for train.beta or "
+                              f"train.kl_warmup_epochs to weight; use them with an ELBO "
+                              f"estimator such as reparam")
         if cfg.train.num_particles == 0:  # the estimator's own default, recorded in the config
             cfg.train.num_particles = self.default_particles
         if cfg.train.num_particles < self.min_particles:
