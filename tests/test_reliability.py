@@ -1291,3 +1291,29 @@ def test_a_long_evaluation_reports_progress_with_an_eta_in_a_log(own_run, caplog
     # one batch of 3 images, yet a line per chunk of samples, each with an ETA
     assert len(lines) >= 4, lines
     assert lines[0].startswith("log-likelihood: 1500/9000 samples") and "ETA" in lines[0]
+
+
+def test_a_vanished_folder_and_a_failed_append_are_one_line_and_leave_no_partial_line(
+        tmp_path, monkeypatch):
+    from pyro_vae import files
+
+    gone = tmp_path / "gone"
+    for write in (lambda: files.atomic_write_text(gone / "config.toml", "x = 1\n"),
+                  lambda: files.append_text(gone / "events.jsonl", "{}\n")):
+        with pytest.raises(OutputError, match=r"cannot write .*gone/.*No such file or directory "
+                                              r"\(ENOENT\)"):
+            write()
+    log = tmp_path / "events.jsonl"
+    files.append_text(log, '{"event": "path"}\n')
+    before = log.read_bytes()
+    real_write = os.write
+
+    def half_then_full(fd, data):  # the disk fills up half-way through the line
+        real_write(fd, bytes(data[: len(data) // 2]))
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "write", half_then_full)
+    with pytest.raises(OutputError, match=r"events.jsonl: No space left on device \(ENOSPC\)"):
+        files.append_text(log, '{"event": "non-finite", "step": 2}\n')
+    monkeypatch.undo()
+    assert log.read_bytes() == before  # cut back to the last whole line
