@@ -777,7 +777,8 @@ def wait_for_first_checkpoint(proc: subprocess.Popen, run: Path) -> float:
         assert proc.poll() is None, proc.communicate()
         assert time.monotonic() < deadline, "no checkpoint after 120 s"
         time.sleep(0.005)
-    return read_jsonl(run / "metrics.jsonl")[0]["seconds"]
+    # the checkpoint is written first, then its epoch's metrics line
+    return json.loads(load_checkpoint(run / "checkpoint.pt")["metrics"][0])["seconds"]
 
 
 def resume_in_process(run: Path, flags: list[str], capsys) -> None:
@@ -951,29 +952,27 @@ def test_every_dataset_name_is_listed_when_unknown():
 
 
 # -- one owner per run folder, resolved paths, overwrite leaves nothing behind ------------------
-def test_a_second_process_on_a_live_run_folder_is_refused_with_the_owners_pid(tmp_path):
+def test_a_second_process_on_a_live_run_folder_is_refused_with_the_owners_pid(tmp_path, capsys,
+                                                                               data_dir):
     run = tmp_path / "run"
-    flags = [*TINY, "--epochs", "200", "--no-figures"]
-    first = start_training(run, flags)
+    flags = ["--dataset", "mnist", "--data-dir", data_dir, *TINY, "--epochs", "100000"]
+    first = start_training(run, [str(f) for f in flags])  # the owner: another process
     try:
         deadline = time.time() + 120
         while not (run / ".lock").exists() or not (run / "config.toml").exists():
             assert time.time() < deadline and first.poll() is None
             time.sleep(0.05)
-        for extra in ([], ["--overwrite"], ["--resume"]):
-            proc = subprocess.run([sys.executable, "-m", "pyro_vae", "train", "--out", str(run),
-                                   *flags, *extra], capture_output=True, text=True, timeout=120)
-            assert proc.returncode == 2, proc.stderr
-            assert f"is in use by another pyro-vae process (pid {first.pid})" in proc.stderr
-            assert proc.stderr.count("\n") == 1
+        before = (run / "config.toml").read_bytes()
+        for extra in ([], ["--overwrite"], ["--resume"]):  # from this process: flock is held
+            code, err = cli(capsys, "train", "--out", run, *flags, *extra)  # by the owner's
+            assert_refused(code, err, f"is in use by another pyro-vae process (pid {first.pid})")
+        assert (run / "config.toml").read_bytes() == before
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait()
-    # the killed owner's lock is stale: the next process takes it over
-    proc = subprocess.run([sys.executable, "-m", "pyro_vae", "train", "--out", str(run),
-                           *TINY, "--epochs", "1", "--no-figures", "--overwrite"],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
+    # the killed owner's lock is stale: the next start takes it over
+    code, err = cli(capsys, "train", "--out", run, *flags, "--epochs", "1", "--overwrite")
+    assert code == 0, err
 
 
 def test_relative_data_dir_is_stored_resolved_and_the_run_works_from_anywhere(
