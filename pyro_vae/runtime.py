@@ -20,7 +20,16 @@ from .errors import ConfigError, ResourceError
 
 
 def apply_threads(threads: int) -> None:
-    """``torch.set_num_threads(threads)``, or leave torch's default (one per core) for 0."""
+    """``torch.set_num_threads(threads)``, or leave torch's default (one per core) for 0.
+
+    Raises:
+        ConfigError: for more threads than CPU cores (torch's thread pool crashes the process
+            at tens of thousands, and more threads than cores only wait for each other).
+    """
+    cores = os.cpu_count() or 1
+    if threads > cores:
+        raise ConfigError(f"train.threads = {threads} is more than the {cores} CPU cores here; "
+                          f"ask for at most {cores}, or 0 for one per core")
     if threads:
         torch.set_num_threads(threads)
 

@@ -1218,6 +1218,13 @@ def test_sizes_that_would_not_fit_in_memory_are_refused_before_allocating(tmp_pa
     code, err = cli(capsys, "train", "--out", tmp_path / "big", "--latent-dim", "20000000",
                     "--no-progress")
     assert_refused(code, err, "--latent-dim 20000000", "GB of memory but", "--memory-limit")
+    code, err = cli(capsys, "train", "--out", tmp_path / "big", "--num-particles", "100000000",
+                    "--no-progress")
+    assert_refused(code, err, "--batch-size 128 and --num-particles 100000000", "TB of memory")
+    code, err = cli(capsys, "train", "--out", tmp_path / "big", "--threads", "100000")
+    assert_refused(code, err, "--threads 100000 is more than the")  # torch would segfault
+    code, err = cli(capsys, "evaluate", run, "--workers", "100000", "--out", tmp_path / "e.json")
+    assert_refused(code, err, "--workers 100000 is more than the")
     code, err = cli(capsys, "sample", run, "--num-images", "100000000", "--out",
                     tmp_path / "samples")
     assert_refused(code, err, "--num-images 100000000", "TB of memory")

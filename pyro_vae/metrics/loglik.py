@@ -11,6 +11,7 @@ probe first.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -187,6 +188,10 @@ def importance_log_likelihood(vae: VAE, x: torch.Tensor, num_samples: int = 5000
         raise ConfigError(f"precision bfloat16 applies only to the fused path, which this "
                           f"program does not take ({choice.reason}); use float32")
     check_positive("workers", workers)
+    cores = os.cpu_count() or 1
+    if workers > cores:
+        raise ConfigError(f"workers = {workers} is more than the {cores} CPU cores here (each "
+                          f"worker is a process with one thread); ask for at most {cores}")
     check_memory(log_weight_memory(vae, min(batch_size, x.shape[0]), min(chunk_size, num_samples),
                                    x.shape[1]),
                  f"log p(x) with --batch-size {batch_size} x --chunk-size {chunk_size}",

@@ -200,9 +200,11 @@ class Trainer:
         if vae is None:
             estimate = training_memory(cfg, dataset.image_shape)
             if estimate is not None:
-                check_memory(estimate, f"a model with --latent-dim {cfg.model.latent_dim} and "
-                             f"--hidden-dims {list(cfg.model.hidden_dims)}",
-                             "choose smaller sizes")
+                check_memory(estimate, f"training with model.latent_dim = "
+                             f"{cfg.model.latent_dim}, model.hidden_dims = "
+                             f"{list(cfg.model.hidden_dims)}, train.batch_size = "
+                             f"{cfg.train.batch_size} and train.num_particles = "
+                             f"{cfg.train.num_particles}", "choose smaller sizes")
             vae = VAE.from_config(cfg, dataset.image_shape)
         else:  # the user's own VAE: it trains with the configured estimator
             vae.estimator = estimator
