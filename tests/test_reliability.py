@@ -1323,3 +1323,16 @@ def test_a_vanished_folder_and_a_failed_append_are_one_line_and_leave_no_partial
         files.append_text(log, '{"event": "non-finite", "step": 2}\n')
     monkeypatch.undo()
     assert log.read_bytes() == before  # cut back to the last whole line
+
+
+def test_an_overwrite_that_meets_a_full_disk_puts_the_old_run_back(small_disk, capsys, own_run):
+    _, data = own_run
+    run = small_disk / "run"
+    flags = ["--dataset", "mnist", "--data-dir", data, *TINY]
+    remount(small_disk, "size=16m")
+    assert cli(capsys, "train", "--out", run, *flags)[0] == 0
+    before = snapshot(run)
+    fill(small_disk)
+    code, err = cli(capsys, "train", "--out", run, *flags, "--latent-dim", "3", "--overwrite")
+    assert_refused(code, err, str(run), "(ENOSPC)")
+    assert snapshot(run) == before  # the old run, byte for byte, and nothing of the new one

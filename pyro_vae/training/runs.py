@@ -223,16 +223,18 @@ class RunFolder:
             shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else \
                 entry.unlink(missing_ok=True)
 
-    def restore(self) -> None:
-        """Delete what a failed new run wrote and put the old run back."""
+    def restore(self) -> bool:
+        """Delete what a failed new run wrote and put the old run back (False: there was no old
+        run set aside)."""
         previous = self.run_dir / PREVIOUS_RUN
         if not previous.is_dir():
-            return
+            return False
         for entry in self._entries():
             shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
         for entry in previous.iterdir():
             entry.rename(self.run_dir / entry.name)
         previous.rmdir()
+        return True
 
 
 @contextlib.contextmanager

@@ -614,8 +614,8 @@ def _fit_owned(config: Config, run_dir: Path | None, folder: RunFolder | None, w
         return _train_in_folder(config, run_dir, folder, workers, resume, trainer)
     except BaseException as error:
         if folder is not None and not trainer.saved_once:
-            folder.restore()  # an overwrite that failed before its first checkpoint
-            if isinstance(error, OutputError) and not resume:
+            restored = folder.restore()  # an overwrite that failed before its first checkpoint
+            if isinstance(error, OutputError) and not resume and not restored:
                 folder.clear()  # a disk fault before the first checkpoint leaves no run files
         raise
 
