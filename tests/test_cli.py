@@ -62,14 +62,17 @@ def test_bad_input_is_one_line_and_exit_status_2(tmp_path, capsys, args, needle)
     assert not out.exists()  # nothing written
 
 
-def test_existing_run_is_never_overwritten(tmp_path):
+def test_existing_run_is_never_overwritten(tmp_path, capsys):
+    # in this process: test_train_end_to_end_from_the_command_line runs the real executable
     out = tmp_path / "run"
-    assert run_cli("train", "--out", str(out), "--epochs", "1", *TINY).returncode == 0
+    assert exit_code(["train", "--out", str(out), "--epochs", "1", *TINY]) == 0
+    capsys.readouterr()
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    proc = run_cli("train", "--out", str(out), "--epochs", "1", *TINY)
-    assert proc.returncode == 2
-    assert proc.stderr.count("\n") == 1 and "already holds another run" in proc.stderr
+    assert exit_code(["train", "--out", str(out), "--epochs", "1", *TINY]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "already holds another run" in err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
-    proc = run_cli("train", "--out", str(out), "--epochs", "1", "--lr", "0.01", "--resume", *TINY)
-    assert proc.returncode == 2 and "--lr cannot change when resuming" in proc.stderr
+    code = exit_code(["train", "--out", str(out), "--epochs", "1", "--lr", "0.01", "--resume",
+                      *TINY])
+    assert code == 2 and "--lr cannot change when resuming" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before

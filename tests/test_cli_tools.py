@@ -35,25 +35,24 @@ def test_bare_command_lists_the_commands_and_version_prints():
     assert proc.returncode == 0 and proc.stdout.strip() == f"pyro-vae {pyro_vae.__version__}"
 
 
-def test_resume_reads_the_saved_config_and_accepts_only_what_may_change(tmp_path):
-    out = tmp_path / "run"
-    proc = run_cli("train", "--out", str(out), "--epochs", "1", "--latent-dim", "3",
-                   "--hidden-dims", "32", "--train-limit", "256", "--batch-size", "64",
-                   "--no-figures")
-    assert proc.returncode == 0, proc.stderr
+def test_resume_reads_the_saved_config_and_accepts_only_what_may_change(tmp_path, capsys):
+    from pyro_vae.app.cli import main
+
+    out = str(tmp_path / "run")
+    assert main(["train", "--out", out, "--epochs", "1", "--latent-dim", "3", "--hidden-dims",
+                 "32", "--train-limit", "256", "--batch-size", "64", "--no-figures"]) == 0
     # no flag repeated: the run's own config, a longer schedule
-    proc = run_cli("train", "--out", str(out), "--resume", "--epochs", "2", "--no-figures")
-    assert proc.returncode == 0, proc.stderr
-    assert "epoch 2:" in proc.stdout
+    capsys.readouterr()
+    assert main(["train", "--out", out, "--resume", "--epochs", "2", "--no-figures"]) == 0
+    assert "epoch 2:" in capsys.readouterr().out
     # repeating a saved value is fine; changing it is refused, naming the flag and the value
-    proc = run_cli("train", "--out", str(out), "--resume", "--epochs", "2", "--latent-dim", "3",
-                   "--no-figures")
-    assert proc.returncode == 0, proc.stderr
-    proc = run_cli("train", "--out", str(out), "--resume", "--latent-dim", "50")
-    assert proc.returncode == 2
-    assert proc.stderr.strip() == ("pyro-vae: error: --latent-dim cannot change when resuming "
-                                   "(the run has 3, --latent-dim asks for 50); drop it, or "
-                                   "start a new run")
+    assert main(["train", "--out", out, "--resume", "--epochs", "2", "--latent-dim", "3",
+                 "--no-figures"]) == 0
+    capsys.readouterr()
+    assert main(["train", "--out", out, "--resume", "--latent-dim", "50"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "pyro-vae: error: --latent-dim cannot change when resuming (the run has 3, "
+        "--latent-dim asks for 50); drop it, or start a new run")
 
 
 def test_progress_lines_in_a_log_and_quiet(tmp_path):
