@@ -25,6 +25,16 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..registry import ESTIMATORS, PRIORS
+from .discrete import (
+    MAX_EXACT_CODES,
+    _unwrap,
+    ExactELBO,
+    RelaxedELBO,
+    RLOO_ELBO,
+    VIMCO_ELBO,
+    is_discrete,
+    num_codes,
+)
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -225,6 +235,31 @@ def _iwae_elbo(cfg: Config) -> ELBO:
     return IWAE_ELBO(num_particles=cfg.train.num_particles or ESTIMATORS["iwae"].default_particles)
 
 
+def _vimco_elbo(cfg: Config) -> ELBO:
+    return VIMCO_ELBO(num_particles=cfg.train.num_particles
+                      or ESTIMATORS["vimco"].default_particles)
+
+
+def _rloo_elbo(cfg: Config) -> ELBO:
+    return RLOO_ELBO(num_particles=cfg.train.num_particles or ESTIMATORS["rloo"].default_particles)
+
+
+def _relaxed_elbo(cfg: Config) -> ELBO:
+    return RelaxedELBO(cfg.train.temperature, cfg.train.temperature_final,
+                       num_particles=cfg.train.num_particles or 1, vectorize_particles=True,
+                       max_plate_nesting=1)
+
+
+def _straight_through_elbo(cfg: Config) -> ELBO:
+    return RelaxedELBO(cfg.train.temperature, cfg.train.temperature_final,
+                       straight_through=True, num_particles=cfg.train.num_particles or 1,
+                       vectorize_particles=True, max_plate_nesting=1)
+
+
+def _exact_elbo(cfg: Config) -> ELBO:
+    return ExactELBO()
+
+
 # -- the same surrogates as functions of one draw (for vectorized variance measurement) -----------
 @dataclass
 class Draw:
@@ -323,6 +358,10 @@ class Estimator:
         min_particles: smallest useful ``--num-particles`` (2 for the importance-weighted bound,
             which with one particle is the plain ELBO).
         default_particles: the particles used when ``--num-particles`` is 0 (the default).
+        requires: what the guide family's q(z|x) must be for this estimator, read from the
+            distribution (never from names): ``rsample`` (reparametrizable), ``discrete`` (a
+            discrete support: Bernoulli or one-hot units), ``enumerable`` (discrete with at
+            most :data:`~pyro_vae.inference.discrete.MAX_EXACT_CODES` codes) or ``any``.
         encoder_lr_scale: the encoder's Adam learning rate is ``--lr`` times this. Adam takes
             steps of about ``lr`` per parameter whatever the gradient's noise, so an encoder
             gradient with a signal-to-noise ratio near 0.025 (plain REINFORCE, measured in
@@ -342,6 +381,7 @@ class Estimator:
     needs_closed_form_kl: bool = False
     min_particles: int = 1
     default_particles: int = 1
+    requires: str = "rsample"
     encoder_lr_scale: float = 1.0
 
     @property
@@ -351,6 +391,7 @@ class Estimator:
 
     def check_config(self, cfg: Config) -> None:
         """Raise ConfigError if this estimator cannot be used with ``cfg``."""
+        self._check_family(cfg)
         if self.needs_closed_form_kl:
             if not PRIORS[cfg.model.prior].closed_form_kl:
                 raise ConfigError(f"estimator {self.name} needs a closed-form KL, which prior "
@@ -362,6 +403,44 @@ class Estimator:
             raise ConfigError(f"estimator {self.name} needs train.num_particles >= "
                               f"{self.min_particles}, got {cfg.train.num_particles} (with one "
                               f"particle the importance-weighted bound is the plain ELBO)")
+
+
+    def _check_family(self, cfg: Config) -> None:
+        """Refuse a guide family whose q(z|x) lacks what :attr:`requires` asks for; the
+        family is built and asked (``has_rsample``, its support), whatever its name."""
+        if self.requires == "any":
+            return
+        q = example_posterior(cfg)
+        if q is None:  # a family that cannot be built here: the first training step will tell
+            return
+        family = cfg.model.encoder
+        if self.requires == "rsample" and not q.has_rsample:
+            raise ConfigError(f"estimator {self.name} needs a reparametrizable q(z|x), and "
+                              f"encoder {family} ({type(_unwrap(q)[0]).__name__}) has no rsample; use "
+                              f"an estimator for discrete codes (score, vimco, rloo, "
+                              f"gumbel-softmax, straight-through, exact)")
+        if self.requires in ("discrete", "enumerable") and not is_discrete(q):
+            raise ConfigError(f"estimator {self.name} is for discrete codes, and encoder "
+                              f"{family} makes a continuous one; use --latent bernoulli or "
+                              f"--latent categorical, or another estimator")
+        if self.requires == "enumerable":
+            count = num_codes(q)
+            if count > MAX_EXACT_CODES:
+                raise ConfigError(f"estimator {self.name} sums over all {count:.3g} codes, more "
+                                  f"than the {MAX_EXACT_CODES} it allows; use a smaller "
+                                  f"--latent-dim")
+
+
+def example_posterior(cfg: Config) -> dist.Distribution | None:
+    """q(z|x) of ``cfg``'s guide family at arbitrary features (for checks of its properties),
+    or None when the family cannot be built from the config alone."""
+    try:
+        from ..models.encoders import build_guide_family
+
+        family = build_guide_family(cfg.model.encoder, cfg.model)
+        return family(torch.zeros(1, family.num_features))
+    except Exception:  # noqa: BLE001 - a plugin family that needs more than the config
+        return None
 
 
 #: Estimator name -> Estimator (the registry lives in :mod:`pyro_vae.registry`). Adding an
@@ -381,22 +460,43 @@ ESTIMATORS.update({
     "score": Estimator(
         "score", "score function (REINFORCE) for z, no baseline (Trace_ELBO); encoder lr x 0.1",
         _trace_elbo, posterior=score_function, draw_loss=_draw_score, surrogate="score-function",
-        encoder_lr_scale=0.1),
+        requires="any", encoder_lr_scale=0.1),
     "score-avg-baseline": Estimator(
         "score-avg-baseline", "score function with a decaying-average baseline "
                               "(TraceGraph_ELBO)", _tracegraph_elbo,
         posterior=score_function, site_infer=_avg_baseline_infer, draw_loss=_draw_score,
-        surrogate="score-function",
+        surrogate="score-function", requires="any",
         baseline="avg"),
     "score-nn-baseline": Estimator(
         "score-nn-baseline", "score function with a neural, input-dependent baseline (NVIL; "
                              "TraceGraph_ELBO)", _tracegraph_elbo,
         posterior=score_function, site_infer=_nn_baseline_infer,
         make_modules=_nn_baseline_modules, draw_loss=_draw_score, surrogate="score-function",
-        baseline="nn"),
+        requires="any", baseline="nn"),
     "iwae": Estimator(
         "iwae", "importance-weighted bound with K = --num-particles samples (default 5), "
                 "reparametrized",
         _iwae_elbo, draw_loss=_draw_iwae, surrogate="importance-weighted", min_particles=2,
         default_particles=5),
+    "vimco": Estimator(
+        "vimco", "K-sample bound, score function with per-sample leave-one-out baselines "
+                 "(Mnih & Rezende 2016); K = --num-particles (default 5)",
+        _vimco_elbo, posterior=score_function, surrogate="multi-sample-score", min_particles=2,
+        default_particles=5, requires="any"),
+    "rloo": Estimator(
+        "rloo", "REINFORCE leave-one-out: K samples, each baselined by the mean of the others "
+                "(Kool et al. 2019); K = --num-particles (default 5)",
+        _rloo_elbo, posterior=score_function, surrogate="leave-one-out-score", min_particles=2,
+        default_particles=5, requires="any"),
+    "gumbel-softmax": Estimator(
+        "gumbel-softmax", "Concrete / Gumbel-softmax relaxation at --temperature, relaxed "
+                          "objective (biased); discrete codes",
+        _relaxed_elbo, surrogate="relaxed", requires="discrete"),
+    "straight-through": Estimator(
+        "straight-through", "straight-through Gumbel: hard codes forward, relaxed gradients "
+                            "backward at --temperature (biased); discrete codes",
+        _straight_through_elbo, surrogate="relaxed", requires="discrete"),
+    "exact": Estimator(
+        "exact", "exact ELBO and gradient by summing over every code (at most 4096 codes)",
+        _exact_elbo, surrogate="exact", requires="enumerable"),
 })

@@ -1,0 +1,390 @@
+"""Objectives for discrete codes: relaxations, leave-one-out score functions, exact enumeration.
+
+Pyro turns a guide site whose distribution has no ``rsample`` into a score-function term by
+itself, so ``Trace_ELBO`` already trains a Bernoulli or one-hot code (the ``score`` estimators).
+What Pyro lacks is written here as :class:`pyro.infer.ELBO` subclasses, each reading the traces
+of the unchanged program ``vae.model`` / ``vae.guide``:
+
+* :class:`RelaxedELBO`: ``Trace_ELBO`` on the program with every discrete latent site replaced
+  by its Concrete relaxation (Maddison, Mnih & Teh 2017; Jang, Gu & Poole 2017) in *both* the
+  guide and the model, at the same temperature: the relaxed sample is scored under the relaxed
+  guide and the relaxed prior (the "relaxed objective" of Maddison et al., section 3.3), so the
+  objective is the ELBO of a continuous VAE. With ``straight_through`` the decoder sees the
+  rounded (hard) sample while the densities and the backward pass use the relaxed one.
+  The relaxation is a Pyro effect handler (:class:`Relax`) applied inside the ELBO only: the
+  program itself stays discrete, so every number reported outside training is the discrete
+  model's.
+* :class:`VIMCO_ELBO`: the K-sample bound with per-sample leave-one-out baselines (Mnih &
+  Rezende 2016).
+* :class:`RLOO_ELBO`: REINFORCE on each of K samples' ELBO with the mean of the other K - 1 as
+  baseline (Kool, van Hoof & Welling 2019).
+* :class:`ExactELBO`: the ELBO as an explicit sum over the table of all codes,
+  sum_c q(c|x) [log p(x, c) - log q(c|x)], differentiated exactly by autograd.
+
+See docs/discrete.md for the derivations.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro import poutine
+from pyro.infer import ELBO, Trace_ELBO
+from pyro.poutine.messenger import Messenger
+from torch.distributions.utils import clamp_probs
+
+from ..errors import ConfigError
+
+#: Largest code table the exact estimator (and the lab's exact oracle) enumerates.
+MAX_EXACT_CODES = 4096
+
+
+# -- what kind of code ----------------------------------------------------------------------------
+def is_discrete(fn: torch.distributions.Distribution) -> bool:
+    """Whether a distribution's support is discrete (read from its support, not its name)."""
+    return bool(getattr(fn.support, "is_discrete", False))
+
+
+def _unwrap(fn: torch.distributions.Distribution) -> tuple[Any, int]:
+    """The innermost distribution and the event dims that ``Independent`` wrappers add."""
+    ndims = 0
+    while isinstance(fn, torch.distributions.Independent):
+        ndims += fn.reinterpreted_batch_ndims
+        fn = fn.base_dist
+    return fn, ndims
+
+
+def num_codes(fn: torch.distributions.Distribution) -> int:
+    """How many values the event of a discrete ``fn`` takes (2^d bits, K^d one-hot groups)."""
+    base, ndims = _unwrap(fn)
+    if isinstance(base, torch.distributions.Bernoulli):
+        return 2 ** math.prod(fn.event_shape)
+    if isinstance(base, torch.distributions.OneHotCategorical):
+        k = base.event_shape[-1]
+        groups = math.prod(fn.event_shape[:-1])
+        return k ** groups
+    raise ConfigError(f"cannot enumerate the codes of {type(base).__name__}; the exact "
+                      f"estimator needs Bernoulli or OneHotCategorical units")
+
+
+def code_table(fn: torch.distributions.Distribution, device: Any = None) -> torch.Tensor:
+    """Every value of the event of ``fn``, ``(num_codes, *event_shape)``, in a fixed order.
+
+    Raises:
+        ConfigError: when there are more than :data:`MAX_EXACT_CODES` of them.
+    """
+    count = num_codes(fn)
+    if count > MAX_EXACT_CODES:
+        raise ConfigError(f"the code has {count:.3g} values, more than the {MAX_EXACT_CODES} "
+                          f"that exact enumeration allows; use a smaller --latent-dim")
+    base, _ = _unwrap(fn)
+    index = torch.arange(count, device=device)
+    event = fn.event_shape
+    if isinstance(base, torch.distributions.Bernoulli):
+        bits = torch.arange(len(event) and event[-1], device=device)
+        return ((index[:, None] >> bits) & 1).to(torch.get_default_dtype()).reshape(count, *event)
+    k, groups = event[-1], math.prod(event[:-1])
+    digits = torch.stack([(index // k ** g) % k for g in range(groups)], -1)
+    return torch.nn.functional.one_hot(digits, k).to(torch.get_default_dtype()).reshape(
+        count, *event)
+
+
+# -- relaxation -----------------------------------------------------------------------------------
+class _RelaxedOneHot(dist.RelaxedOneHotCategorical):
+    """RelaxedOneHotCategorical whose samples are kept inside (0, 1): an entry that underflows
+    to 0 in float32 would make its own log-density -inf at low temperatures."""
+
+    def rsample(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:
+        return clamp_probs(super().rsample(sample_shape))
+
+
+def relax(fn: torch.distributions.Distribution, temperature: float,
+          straight_through: bool = False) -> torch.distributions.Distribution:
+    """The Concrete relaxation of a Bernoulli or one-hot distribution at ``temperature``, with
+    the same ``Independent`` wrappers; pathwise (``has_rsample``).
+
+    Raises:
+        ConfigError: for a distribution with no relaxation here.
+    """
+    base, ndims = _unwrap(fn)
+    t = torch.as_tensor(temperature, dtype=base.logits.dtype, device=base.logits.device) \
+        if hasattr(base, "logits") else None
+    if isinstance(base, torch.distributions.Bernoulli):
+        cls = dist.RelaxedBernoulliStraightThrough if straight_through else dist.RelaxedBernoulli
+    elif isinstance(base, torch.distributions.OneHotCategorical):
+        cls = dist.RelaxedOneHotCategoricalStraightThrough if straight_through else _RelaxedOneHot
+    else:
+        raise ConfigError(f"no Concrete relaxation of {type(base).__name__}; the relaxed "
+                          f"estimators need Bernoulli or OneHotCategorical latent units")
+    out = cls(t, logits=base.logits, validate_args=False)
+    return out.to_event(ndims) if ndims else out
+
+
+class Relax(Messenger):
+    """Replace every discrete latent (unobserved) sample site's distribution by its relaxation.
+
+    Applied around both the model and the guide so that the guide's relaxed sample is scored
+    under the relaxed prior; observed sites are left alone.
+    """
+
+    def __init__(self, temperature: float, straight_through: bool = False):
+        super().__init__()
+        self.temperature = temperature
+        self.straight_through = straight_through
+
+    def _pyro_sample(self, msg: dict[str, Any]) -> None:
+        if msg["is_observed"] or msg["infer"].get("_do_not_trace"):
+            return
+        fn = msg["fn"]
+        if type(fn).__name__ == "_Subsample" or not is_discrete(fn):
+            return
+        msg["fn"] = relax(fn, self.temperature, self.straight_through)
+
+
+def relaxed(fn: Callable, temperature: float, straight_through: bool = False) -> Callable:
+    """``fn`` (a model or guide) run under :class:`Relax`."""
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        with Relax(temperature, straight_through):
+            return fn(*args, **kwargs)
+
+    return run
+
+
+class RelaxedELBO(Trace_ELBO):
+    """Trace_ELBO of the relaxed program (the relaxed objective; see the module docstring).
+
+    Args:
+        temperature: the Concrete temperature at the start (lambda > 0).
+        temperature_final: when > 0, the temperature falls geometrically to this value over
+            training (:meth:`set_progress`, called by the trainer before each step).
+        straight_through: hard samples forward, relaxed gradients backward.
+    """
+
+    def __init__(self, temperature: float = 1.0, temperature_final: float = 0.0,
+                 straight_through: bool = False, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.initial_temperature = float(temperature)
+        self.temperature_final = float(temperature_final)
+        self.temperature = float(temperature)
+        self.straight_through = straight_through
+
+    def set_progress(self, fraction: float) -> None:
+        """Set the temperature for the step at ``fraction`` (0 at the first, 1 at the last)
+        of training: tau_0 (tau_final / tau_0)^fraction, or constant without annealing."""
+        if self.temperature_final > 0:
+            ratio = self.temperature_final / self.initial_temperature
+            self.temperature = self.initial_temperature * ratio ** min(max(fraction, 0.0), 1.0)
+
+    def _get_trace(self, model, guide, args, kwargs):  # noqa: ANN001 - Pyro's signature
+        return super()._get_trace(relaxed(model, self.temperature, self.straight_through),
+                                  relaxed(guide, self.temperature, self.straight_through),
+                                  args, kwargs)
+
+
+# -- K-sample score-function objectives -----------------------------------------------------------
+class _MultiSample(ELBO):
+    """Shared by VIMCO and RLOO: K vectorized draws of the guide, the model replayed on them,
+    and per draw and image the log-weight log p(x, z_k) - log q(z_k|x) (latent sites weighted
+    by their ``poutine.scale``, e.g. a KL weight) and log q(z_k|x)."""
+
+    def __init__(self, num_particles: int = 5):
+        if num_particles < 2:
+            raise ConfigError(f"leave-one-out baselines need at least 2 samples, got "
+                              f"num_particles = {num_particles}")
+        super().__init__(num_particles=num_particles, max_plate_nesting=1,
+                         vectorize_particles=True)
+
+    def _get_trace(self, model, guide, args, kwargs):  # noqa: ANN001 - Pyro's signature
+        return pyro.infer.enum.get_importance_trace("flat", self.max_plate_nesting, model, guide,
+                                                    args, kwargs)
+
+    def _parts(self, model, guide, args, kwargs):  # noqa: ANN001
+        """``(log_w, log_p, log_q, plate_scale)``, the first three ``(K, batch)``: log_p sums
+        the model's sites and log_w subtracts the guide's (each latent site weighted by its
+        extra scale), log_q is the guide's unweighted log-density."""
+        model_trace, guide_trace = next(self._get_traces(model, guide, args, kwargs))
+        k = self.num_particles
+        plate_scale = _plate_scale(model_trace)
+        log_p, log_w, log_q = 0.0, 0.0, 0.0
+        for trace, sign in ((model_trace, 1.0), (guide_trace, -1.0)):
+            for site in trace.nodes.values():
+                if site["type"] != "sample" or type(site["fn"]).__name__ == "_Subsample":
+                    continue
+                weight = _as_float(site["scale"]) / plate_scale
+                lp = site["unscaled_log_prob"].reshape(k, -1)
+                log_w = log_w + sign * weight * lp
+                if sign > 0:
+                    log_p = log_p + weight * lp
+                else:
+                    log_q = log_q + lp
+        return log_w, log_p, log_q, plate_scale
+
+    def loss(self, model, guide, *args, **kwargs) -> float:  # noqa: ANN001
+        with torch.no_grad():
+            return self._losses(model, guide, args, kwargs)[0].item()
+
+    def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:  # noqa: ANN001
+        return self._losses(model, guide, args, kwargs)[1]
+
+    def loss_and_grads(self, model, guide, *args, **kwargs) -> float:  # noqa: ANN001
+        loss, surrogate = self._losses(model, guide, args, kwargs)
+        surrogate.backward()
+        return loss.item()
+
+    def _losses(self, model, guide, args, kwargs) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN001
+        raise NotImplementedError
+
+
+def _as_float(scale: Any) -> float:
+    return float(scale) if not isinstance(scale, torch.Tensor) else float(scale.reshape(-1)[0])
+
+
+def _plate_scale(model_trace: poutine.Trace) -> float:
+    """The subsampling scale of the data plate (dataset size / minibatch), read from the
+    observed sites (which no KL weight touches)."""
+    for site in model_trace.nodes.values():
+        if site["type"] == "sample" and site["is_observed"]:
+            return _as_float(site["scale"])
+    return 1.0
+
+
+def leave_one_out_bounds(log_w: torch.Tensor) -> torch.Tensor:
+    """VIMCO's baselines: for each k, the K-sample bound with log w_k replaced by the mean of
+    the other K - 1 log-weights (Mnih & Rezende 2016, eq. 9 with the geometric mean),
+    ``(K, batch)`` from ``(K, batch)``."""
+    k = log_w.shape[0]
+    others_mean = (log_w.sum(0, keepdim=True) - log_w) / (k - 1)  # (K, batch)
+    eye = torch.eye(k, dtype=torch.bool, device=log_w.device).unsqueeze(-1)  # (K, K, 1)
+    replaced = torch.where(eye, others_mean.unsqueeze(1), log_w.unsqueeze(0))  # row k: k swapped
+    return torch.logsumexp(replaced, dim=1) - math.log(k)
+
+
+class VIMCO_ELBO(_MultiSample):
+    """VIMCO (Mnih & Rezende 2016): gradients of the K-sample bound
+    L_K = log (1/K) sum_k w_k for a guide sampled without reparametrization.
+
+    Surrogate per image (its gradient is the estimator, eq. 10 of the paper):
+
+        L_K(z detached) + sum_k [L_K - L_K^{-k}]_detached * log q(z_k|x),
+
+    where L_K^{-k} is the bound with log w_k replaced by the mean of the other log-weights. The
+    first term carries the decoder's gradient (the IWAE bound's) and sum_k w~_k grad log w_k
+    for the encoder; the second is the score term with a per-sample baseline.
+    """
+
+    def _losses(self, model, guide, args, kwargs):  # noqa: ANN001
+        log_w, _, log_q, scale = self._parts(model, guide, args, kwargs)
+        bound = torch.logsumexp(log_w, 0) - math.log(self.num_particles)  # (batch,)
+        signal = (bound.unsqueeze(0) - leave_one_out_bounds(log_w)).detach()
+        surrogate = bound + (signal * log_q).sum(0)
+        return -(bound.detach() * scale).sum(), -(surrogate * scale).sum()
+
+
+class RLOO_ELBO(_MultiSample):
+    """REINFORCE leave-one-out (Kool, van Hoof & Welling 2019): K draws per image, each
+    draw's ELBO signal f_k = log w_k with the mean of the other K - 1 as its baseline.
+
+    Surrogate per image, averaged over the K draws (the pathwise term of log q, zero in
+    expectation, is left out as in Pyro's Trace_ELBO):
+
+        (1/K) sum_k [ log p(x, z_k) + (f_k - mean_{j != k} f_j)_detached * log q(z_k|x) ].
+
+    The objective is the ELBO (the mean of the f_k estimates it).
+    """
+
+    def _losses(self, model, guide, args, kwargs):  # noqa: ANN001
+        log_w, log_p, log_q, scale = self._parts(model, guide, args, kwargs)
+        k = self.num_particles
+        baseline = (log_w.sum(0, keepdim=True) - log_w) / (k - 1)
+        surrogate = (log_p + (log_w - baseline).detach() * log_q).mean(0)
+        return -(log_w.detach().mean(0) * scale).sum(), -(surrogate * scale).sum()
+
+
+# -- exact enumeration ----------------------------------------------------------------------------
+class ExactELBO(ELBO):
+    """The ELBO summed exactly over the table of all codes (an explicit sum, not TraceEnum):
+
+        ELBO(x) = sum_c q(c|x) [log p(x|c) + beta (log p(c) - log q(c|x))],
+
+    one term per code c of the guide's only latent site, evaluated by running the guide and the
+    model with the site conditioned on a block of codes (inside a plate over the block). Its
+    gradient is exact (autograd of a deterministic sum); blocks of codes are differentiated
+    one at a time, so memory stays bounded. At most :data:`MAX_EXACT_CODES`
+    codes.
+
+    Args:
+        codes_per_block: codes evaluated together (memory ~ codes x batch x network width).
+    """
+
+    def __init__(self, codes_per_block: int = 0):
+        super().__init__(num_particles=1, max_plate_nesting=1)
+        self.codes_per_block = codes_per_block
+
+    def _get_trace(self, model, guide, args, kwargs):  # noqa: ANN001 - not sampled: unused
+        raise NotImplementedError("ExactELBO enumerates codes; it draws no traces")
+
+    def _blocks(self, model, guide, args, kwargs) -> Iterator[torch.Tensor]:  # noqa: ANN001
+        """Per block of codes, the block's contribution to the scaled ELBO summed over images
+        (a differentiable scalar)."""
+        with poutine.block(), torch.no_grad():
+            probe = poutine.trace(guide).get_trace(*args, **kwargs)
+        latent = [s for s in probe.nodes.values() if s["type"] == "sample"
+                  and not s["is_observed"] and type(s["fn"]).__name__ != "_Subsample"]
+        if len(latent) != 1 or not is_discrete(latent[0]["fn"]):
+            raise ConfigError("estimator exact needs a guide with one discrete latent site")
+        name, fn = latent[0]["name"], latent[0]["fn"]
+        table = code_table(fn, device=fn.logits.device if hasattr(fn, "logits") else None)
+        batch = fn.batch_shape.numel() or 1
+        per_block = self.codes_per_block or max(1, min(len(table), 65536 // batch))
+        for start in range(0, len(table), per_block):
+            codes = table[start:start + per_block]
+            yield self._block(model, guide, args, kwargs, name, codes, fn.batch_shape)
+
+    def _block(self, model, guide, args, kwargs, name, codes, batch_shape):  # noqa: ANN001
+        n = codes.shape[0]
+        value = codes.reshape(n, *([1] * len(batch_shape)), *codes.shape[1:]).expand(
+            n, *batch_shape, *codes.shape[1:])
+
+        def in_plate(fn: Callable) -> Callable:
+            def run(*a: Any, **k: Any) -> Any:
+                with pyro.plate("_exact_codes", n, dim=-(self.max_plate_nesting + 1)):
+                    return fn(*a, **k)
+            return run
+
+        guide_trace = poutine.trace(poutine.condition(in_plate(guide), data={name: value})
+                                    ).get_trace(*args, **kwargs)
+        model_trace = poutine.trace(poutine.condition(in_plate(model), data={name: value})
+                                    ).get_trace(*args, **kwargs)
+        terms = 0.0
+        log_q = None
+        for trace, sign in ((model_trace, 1.0), (guide_trace, -1.0)):
+            for site in trace.nodes.values():
+                if site["type"] != "sample" or type(site["fn"]).__name__ == "_Subsample":
+                    continue
+                lp = site["fn"].log_prob(site["value"])
+                scale = site["scale"]
+                terms = terms + sign * lp * scale
+                if sign < 0:
+                    log_q = lp
+        weighted = log_q.exp() * terms  # q(c|x) * (scaled log p - scaled log q), (n, batch)
+        return weighted.sum()
+
+    def loss(self, model, guide, *args, **kwargs) -> float:  # noqa: ANN001
+        with torch.no_grad():
+            return -sum(b.item() for b in self._blocks(model, guide, args, kwargs))
+
+    def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:  # noqa: ANN001
+        return -sum(self._blocks(model, guide, args, kwargs))
+
+    def loss_and_grads(self, model, guide, *args, **kwargs) -> float:  # noqa: ANN001
+        total = 0.0
+        for block in self._blocks(model, guide, args, kwargs):
+            (-block).backward()
+            total -= block.item()
+        return total
