@@ -204,6 +204,12 @@ class TrainConfig:
     temperature_final: float = option(0.0, "anneal the temperature geometrically from "
                                            "--temperature to this value at the last step "
                                            "(0: constant)", check=_non_negative, need=">= 0")
+    relaxed_density: str = option("discrete", "how gumbel-softmax and straight-through score "
+                                              "a relaxed code: discrete (the units' "
+                                              "log-probabilities, linear in the code) or "
+                                              "concrete (the Concrete densities; relaxed "
+                                              "objective of Maddison et al.)",
+                                  choices=["discrete", "concrete"])
     threads: int = option(0, "CPU threads for torch (0: torch's default, one per core); on a "
                              "machine shared with other jobs 1 is often much faster",
                           check=_non_negative, need=">= 0")

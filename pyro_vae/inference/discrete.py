@@ -7,10 +7,13 @@ of the unchanged program ``vae.model`` / ``vae.guide``:
 
 * :class:`RelaxedELBO`: ``Trace_ELBO`` on the program with every discrete latent site replaced
   by its Concrete relaxation (Maddison, Mnih & Teh 2017; Jang, Gu & Poole 2017) in *both* the
-  guide and the model, at the same temperature: the relaxed sample is scored under the relaxed
-  guide and the relaxed prior (the "relaxed objective" of Maddison et al., section 3.3), so the
-  objective is the ELBO of a continuous VAE. With ``straight_through`` the decoder sees the
-  rounded (hard) sample while the densities and the backward pass use the relaxed one.
+  guide and the model, at the same temperature. The relaxed sample is scored either by the
+  discrete units' log-probabilities extended linearly to it (default, ``density="discrete"``:
+  the KL term tends to the discrete one as the temperature falls) or by the Concrete densities
+  of guide and prior (``density="concrete"``, the "relaxed objective" of Maddison et al.,
+  section 3.3, whose KL term does not depend on the temperature at all). With
+  ``straight_through`` the decoder sees the rounded (hard) sample while the densities and the
+  backward pass use the relaxed one.
   The relaxation is a Pyro effect handler (:class:`Relax`) applied inside the ELBO only: the
   program itself stays discrete, so every number reported outside training is the discrete
   model's.
@@ -95,7 +98,25 @@ def code_table(fn: torch.distributions.Distribution, device: Any = None) -> torc
 
 
 # -- relaxation -----------------------------------------------------------------------------------
-class _RelaxedOneHot(dist.RelaxedOneHotCategorical):
+#: How a relaxed sample is scored (``train.relaxed_density``): ``discrete``, by the discrete
+#: units' log-probabilities extended to the relaxed sample (linear in it; Jang et al. 2017 use
+#: the same discrete KL); ``concrete``, by the Concrete densities of the guide and the prior
+#: (Maddison et al. 2017's relaxed objective). See docs/discrete.md for why they differ.
+RELAXED_DENSITIES = ("discrete", "concrete")
+
+
+def soft_log_prob(base: torch.distributions.Distribution, value: torch.Tensor) -> torch.Tensor:
+    """The log-probability of discrete units (Bernoulli, or one-hot over the last dim) written
+    as a function linear in the unit values, evaluated at a relaxed ``value`` in [0, 1]: at a
+    hard code it is the discrete ``log_prob``. Per unit (no event sum)."""
+    logits = base.logits
+    if isinstance(base, (torch.distributions.OneHotCategorical,
+                         torch.distributions.RelaxedOneHotCategorical)):
+        return (value * torch.log_softmax(logits, -1)).sum(-1)
+    return -torch.nn.functional.binary_cross_entropy_with_logits(logits, value, reduction="none")
+
+
+class _ClampedRelaxedOneHot(dist.RelaxedOneHotCategorical):
     """RelaxedOneHotCategorical whose samples are kept inside (0, 1): an entry that underflows
     to 0 in float32 would make its own log-density -inf at low temperatures."""
 
@@ -103,24 +124,57 @@ class _RelaxedOneHot(dist.RelaxedOneHotCategorical):
         return clamp_probs(super().rsample(sample_shape))
 
 
+class DiscreteScored:
+    """Mixin for a relaxed distribution: sample as the relaxation does, but score a value
+    with :func:`soft_log_prob` of the discrete units (at the relaxed value that a straight-
+    through sample carries)."""
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        value = getattr(value, "_unquantize", value)
+        return soft_log_prob(self, value)
+
+
+_RELAXED: dict[tuple[bool, bool, bool], type] = {}
+
+
+def _relaxed_class(categorical: bool, straight_through: bool, discrete_scored: bool) -> type:
+    key = (categorical, straight_through, discrete_scored)
+    if key not in _RELAXED:
+        if categorical:
+            cls = dist.RelaxedOneHotCategoricalStraightThrough if straight_through \
+                else _ClampedRelaxedOneHot
+        else:
+            cls = dist.RelaxedBernoulliStraightThrough if straight_through \
+                else dist.RelaxedBernoulli
+        if discrete_scored:
+            cls = type(f"DiscreteScored{cls.__name__}", (DiscreteScored, cls), {})
+        _RELAXED[key] = cls
+    return _RELAXED[key]
+
+
 def relax(fn: torch.distributions.Distribution, temperature: float,
-          straight_through: bool = False) -> torch.distributions.Distribution:
+          straight_through: bool = False, density: str = "discrete"
+          ) -> torch.distributions.Distribution:
     """The Concrete relaxation of a Bernoulli or one-hot distribution at ``temperature``, with
-    the same ``Independent`` wrappers; pathwise (``has_rsample``).
+    the same ``Independent`` wrappers; pathwise (``has_rsample``). ``density`` says how its
+    samples are scored (:data:`RELAXED_DENSITIES`).
 
     Raises:
         ConfigError: for a distribution with no relaxation here.
     """
     base, ndims = _unwrap(fn)
-    t = torch.as_tensor(temperature, dtype=base.logits.dtype, device=base.logits.device) \
-        if hasattr(base, "logits") else None
     if isinstance(base, torch.distributions.Bernoulli):
-        cls = dist.RelaxedBernoulliStraightThrough if straight_through else dist.RelaxedBernoulli
+        categorical = False
     elif isinstance(base, torch.distributions.OneHotCategorical):
-        cls = dist.RelaxedOneHotCategoricalStraightThrough if straight_through else _RelaxedOneHot
+        categorical = True
     else:
         raise ConfigError(f"no Concrete relaxation of {type(base).__name__}; the relaxed "
                           f"estimators need Bernoulli or OneHotCategorical latent units")
+    if density not in RELAXED_DENSITIES:
+        raise ConfigError(f"unknown relaxed density {density!r}; choose one of: "
+                          f"{', '.join(RELAXED_DENSITIES)}")
+    t = torch.as_tensor(temperature, dtype=base.logits.dtype, device=base.logits.device)
+    cls = _relaxed_class(categorical, straight_through, density == "discrete")
     out = cls(t, logits=base.logits, validate_args=False)
     return out.to_event(ndims) if ndims else out
 
@@ -129,13 +183,15 @@ class Relax(Messenger):
     """Replace every discrete latent (unobserved) sample site's distribution by its relaxation.
 
     Applied around both the model and the guide so that the guide's relaxed sample is scored
-    under the relaxed prior; observed sites are left alone.
+    by the prior's relaxation too; observed sites are left alone.
     """
 
-    def __init__(self, temperature: float, straight_through: bool = False):
+    def __init__(self, temperature: float, straight_through: bool = False,
+                 density: str = "discrete"):
         super().__init__()
         self.temperature = temperature
         self.straight_through = straight_through
+        self.density = density
 
     def _pyro_sample(self, msg: dict[str, Any]) -> None:
         if msg["is_observed"] or msg["infer"].get("_do_not_trace"):
@@ -143,14 +199,15 @@ class Relax(Messenger):
         fn = msg["fn"]
         if type(fn).__name__ == "_Subsample" or not is_discrete(fn):
             return
-        msg["fn"] = relax(fn, self.temperature, self.straight_through)
+        msg["fn"] = relax(fn, self.temperature, self.straight_through, self.density)
 
 
-def relaxed(fn: Callable, temperature: float, straight_through: bool = False) -> Callable:
+def relaxed(fn: Callable, temperature: float, straight_through: bool = False,
+            density: str = "discrete") -> Callable:
     """``fn`` (a model or guide) run under :class:`Relax`."""
 
     def run(*args: Any, **kwargs: Any) -> Any:
-        with Relax(temperature, straight_through):
+        with Relax(temperature, straight_through, density):
             return fn(*args, **kwargs)
 
     return run
@@ -164,11 +221,13 @@ class RelaxedELBO(Trace_ELBO):
         temperature_final: when > 0, the temperature falls geometrically to this value over
             training (:meth:`set_progress`, called by the trainer before each step).
         straight_through: hard samples forward, relaxed gradients backward.
+        density: how relaxed samples are scored (:data:`RELAXED_DENSITIES`).
     """
 
     def __init__(self, temperature: float = 1.0, temperature_final: float = 0.0,
-                 straight_through: bool = False, **kwargs: Any):
+                 straight_through: bool = False, density: str = "discrete", **kwargs: Any):
         super().__init__(**kwargs)
+        self.density = density
         self.initial_temperature = float(temperature)
         self.temperature_final = float(temperature_final)
         self.temperature = float(temperature)
@@ -182,9 +241,8 @@ class RelaxedELBO(Trace_ELBO):
             self.temperature = self.initial_temperature * ratio ** min(max(fraction, 0.0), 1.0)
 
     def _get_trace(self, model, guide, args, kwargs):  # noqa: ANN001 - Pyro's signature
-        return super()._get_trace(relaxed(model, self.temperature, self.straight_through),
-                                  relaxed(guide, self.temperature, self.straight_through),
-                                  args, kwargs)
+        how = (self.temperature, self.straight_through, self.density)
+        return super()._get_trace(relaxed(model, *how), relaxed(guide, *how), args, kwargs)
 
 
 # -- K-sample score-function objectives -----------------------------------------------------------
@@ -280,10 +338,26 @@ class VIMCO_ELBO(_MultiSample):
 
     def _losses(self, model, guide, args, kwargs):  # noqa: ANN001
         log_w, _, log_q, scale = self._parts(model, guide, args, kwargs)
-        bound = torch.logsumexp(log_w, 0) - math.log(self.num_particles)  # (batch,)
-        signal = (bound.unsqueeze(0) - leave_one_out_bounds(log_w)).detach()
-        surrogate = bound + (signal * log_q).sum(0)
+        bound, surrogate = vimco_surrogate(log_w, log_q)
         return -(bound.detach() * scale).sum(), -(surrogate * scale).sum()
+
+
+def vimco_surrogate(log_w: torch.Tensor, log_q: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The K-sample bound and VIMCO's surrogate per image from ``(K, batch)`` log-weights and
+    guide log-densities (:class:`VIMCO_ELBO`); z must carry no gradient."""
+    bound = torch.logsumexp(log_w, 0) - math.log(log_w.shape[0])
+    signal = (bound.unsqueeze(0) - leave_one_out_bounds(log_w)).detach()
+    return bound, bound + (signal * log_q).sum(0)
+
+
+def rloo_surrogate(log_w: torch.Tensor, log_p: torch.Tensor, log_q: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mean ELBO estimate and the RLOO surrogate per image from ``(K, batch)`` log-weights,
+    model and guide log-densities (:class:`RLOO_ELBO`)."""
+    k = log_w.shape[0]
+    baseline = (log_w.sum(0, keepdim=True) - log_w) / (k - 1)
+    return log_w.mean(0), (log_p + (log_w - baseline).detach() * log_q).mean(0)
 
 
 class RLOO_ELBO(_MultiSample):
@@ -300,10 +374,8 @@ class RLOO_ELBO(_MultiSample):
 
     def _losses(self, model, guide, args, kwargs):  # noqa: ANN001
         log_w, log_p, log_q, scale = self._parts(model, guide, args, kwargs)
-        k = self.num_particles
-        baseline = (log_w.sum(0, keepdim=True) - log_w) / (k - 1)
-        surrogate = (log_p + (log_w - baseline).detach() * log_q).mean(0)
-        return -(log_w.detach().mean(0) * scale).sum(), -(surrogate * scale).sum()
+        value, surrogate = rloo_surrogate(log_w, log_p, log_q)
+        return -(value.detach() * scale).sum(), -(surrogate * scale).sum()
 
 
 # -- exact enumeration ----------------------------------------------------------------------------
@@ -315,8 +387,7 @@ class ExactELBO(ELBO):
     one term per code c of the guide's only latent site, evaluated by running the guide and the
     model with the site conditioned on a block of codes (inside a plate over the block). Its
     gradient is exact (autograd of a deterministic sum); blocks of codes are differentiated
-    one at a time, so memory stays bounded. At most :data:`MAX_EXACT_CODES`
-    codes.
+    one at a time, so memory stays bounded. At most :data:`MAX_EXACT_CODES` codes.
 
     Args:
         codes_per_block: codes evaluated together (memory ~ codes x batch x network width).

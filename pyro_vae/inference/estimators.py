@@ -27,11 +27,11 @@ from ..errors import ConfigError
 from ..registry import ESTIMATORS, PRIORS
 from .discrete import (
     MAX_EXACT_CODES,
-    _unwrap,
-    ExactELBO,
-    RelaxedELBO,
     RLOO_ELBO,
     VIMCO_ELBO,
+    ExactELBO,
+    RelaxedELBO,
+    _unwrap,
     is_discrete,
     num_codes,
 )
@@ -246,13 +246,15 @@ def _rloo_elbo(cfg: Config) -> ELBO:
 
 def _relaxed_elbo(cfg: Config) -> ELBO:
     return RelaxedELBO(cfg.train.temperature, cfg.train.temperature_final,
+                       density=cfg.train.relaxed_density,
                        num_particles=cfg.train.num_particles or 1, vectorize_particles=True,
                        max_plate_nesting=1)
 
 
 def _straight_through_elbo(cfg: Config) -> ELBO:
     return RelaxedELBO(cfg.train.temperature, cfg.train.temperature_final,
-                       straight_through=True, num_particles=cfg.train.num_particles or 1,
+                       straight_through=True, density=cfg.train.relaxed_density,
+                       num_particles=cfg.train.num_particles or 1,
                        vectorize_particles=True, max_plate_nesting=1)
 
 
@@ -415,8 +417,9 @@ class Estimator:
             return
         family = cfg.model.encoder
         if self.requires == "rsample" and not q.has_rsample:
+            kind = type(_unwrap(q)[0]).__name__
             raise ConfigError(f"estimator {self.name} needs a reparametrizable q(z|x), and "
-                              f"encoder {family} ({type(_unwrap(q)[0]).__name__}) has no rsample; use "
+                              f"encoder {family} ({kind}) has no rsample; use "
                               f"an estimator for discrete codes (score, vimco, rloo, "
                               f"gumbel-softmax, straight-through, exact)")
         if self.requires in ("discrete", "enumerable") and not is_discrete(q):
