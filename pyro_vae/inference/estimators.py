@@ -34,6 +34,8 @@ from .discrete import (
     _unwrap,
     is_discrete,
     num_codes,
+    rloo_surrogate,
+    vimco_surrogate,
 )
 
 if TYPE_CHECKING:
@@ -323,6 +325,23 @@ def _draw_score(d: Draw) -> torch.Tensor:
     return -(d.log_joint(z) + log_q * signal.detach()).mean()
 
 
+def _draw_vimco(d: Draw) -> torch.Tensor:
+    # VIMCO_ELBO's surrogate (z sampled without a path: detached), per image
+    z = d.z().detach()
+    log_q = d.q.log_prob(z)
+    _, surrogate = vimco_surrogate(d.log_joint(z) - log_q, log_q)
+    return -surrogate.mean()
+
+
+def _draw_rloo(d: Draw) -> torch.Tensor:
+    # RLOO_ELBO's surrogate, per image
+    z = d.z().detach()
+    log_q = d.q.log_prob(z)
+    log_p = d.log_joint(z)
+    _, surrogate = rloo_surrogate(log_p - log_q, log_p, log_q)
+    return -surrogate.mean()
+
+
 def _draw_iwae(d: Draw) -> torch.Tensor:
     z = d.z()
     log_w = d.log_joint(z) - d.q.log_prob(z)  # (particles, batch)
@@ -390,6 +409,13 @@ class Estimator:
     def score_function(self) -> bool:
         """Whether the encoder's gradient uses the score function (REINFORCE)."""
         return self.surrogate == "score-function"
+
+    def applies_to(self, discrete: bool) -> bool:
+        """Whether this estimator can train a code of this kind (continuous or discrete), as
+        far as :attr:`requires` tells without building the code."""
+        if self.requires == "any":
+            return True
+        return discrete == (self.requires in ("discrete", "enumerable"))
 
     def check_config(self, cfg: Config) -> None:
         """Raise ConfigError if this estimator cannot be used with ``cfg``."""
@@ -484,12 +510,14 @@ ESTIMATORS.update({
     "vimco": Estimator(
         "vimco", "K-sample bound, score function with per-sample leave-one-out baselines "
                  "(Mnih & Rezende 2016); K = --num-particles (default 5)",
-        _vimco_elbo, posterior=score_function, surrogate="multi-sample-score", min_particles=2,
+        _vimco_elbo, posterior=score_function, draw_loss=_draw_vimco,
+        surrogate="multi-sample-score", min_particles=2,
         default_particles=5, requires="any"),
     "rloo": Estimator(
         "rloo", "REINFORCE leave-one-out: K samples, each baselined by the mean of the others "
                 "(Kool et al. 2019); K = --num-particles (default 5)",
-        _rloo_elbo, posterior=score_function, surrogate="leave-one-out-score", min_particles=2,
+        _rloo_elbo, posterior=score_function, draw_loss=_draw_rloo,
+        surrogate="leave-one-out-score", min_particles=2,
         default_particles=5, requires="any"),
     "gumbel-softmax": Estimator(
         "gumbel-softmax", "Concrete / Gumbel-softmax relaxation at --temperature, relaxed "
