@@ -113,6 +113,7 @@ def soft_log_prob(base: torch.distributions.Distribution, value: torch.Tensor) -
     if isinstance(base, (torch.distributions.OneHotCategorical,
                          torch.distributions.RelaxedOneHotCategorical)):
         return (value * torch.log_softmax(logits, -1)).sum(-1)
+    logits, value = torch.broadcast_tensors(logits, value)
     return -torch.nn.functional.binary_cross_entropy_with_logits(logits, value, reduction="none")
 
 
@@ -177,6 +178,35 @@ def relax(fn: torch.distributions.Distribution, temperature: float,
     cls = _relaxed_class(categorical, straight_through, density == "discrete")
     out = cls(t, logits=base.logits, validate_args=False)
     return out.to_event(ndims) if ndims else out
+
+
+def concrete_sample(q: torch.distributions.Distribution, uniforms: torch.Tensor,
+                    temperature: float) -> torch.Tensor:
+    """The relaxed sample that ``relax(q, temperature).rsample()`` makes from ``uniforms`` (the
+    numbers its ``torch.rand`` call would return): the same operations as torch's
+    ``LogitRelaxedBernoulli`` + sigmoid and ``ExpRelaxedCategorical`` + exp, so that the
+    variance lab's vectorized draws equal Pyro's draw for draw."""
+    base, _ = _unwrap(q)
+    u = clamp_probs(uniforms)
+    if isinstance(base, torch.distributions.OneHotCategorical):
+        logits = base.logits - base.logits.logsumexp(-1, keepdim=True)
+        scores = (logits + -((-(u.log())).log())) / temperature
+        return clamp_probs((scores - scores.logsumexp(-1, keepdim=True)).exp())
+    probs = clamp_probs(base.probs)
+    y = (u.log() - (-u).log1p() + probs.log() - (-probs).log1p()) / temperature
+    return clamp_probs(torch.sigmoid(y))
+
+
+def straight_through_code(soft: torch.Tensor, q: torch.distributions.Distribution
+                          ) -> torch.Tensor:
+    """The rounded (one-hot argmax, or 0/1) code forward, the gradient of ``soft`` backward."""
+    base, _ = _unwrap(q)
+    if isinstance(base, torch.distributions.OneHotCategorical):
+        # the largest entry of each group (a comparison, not one_hot: vmap can trace it)
+        hard = (soft == soft.amax(-1, keepdim=True)).to(soft.dtype)
+    else:
+        hard = soft.round()
+    return soft + (hard - soft).detach()
 
 
 class Relax(Messenger):

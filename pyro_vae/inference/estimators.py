@@ -32,9 +32,12 @@ from .discrete import (
     ExactELBO,
     RelaxedELBO,
     _unwrap,
+    concrete_sample,
     is_discrete,
     num_codes,
+    relax,
     rloo_surrogate,
+    straight_through_code,
     vimco_surrogate,
 )
 
@@ -279,6 +282,10 @@ class Draw:
         eps: standard normal noise, ``(particles, batch, latent_dim)``.
         decoder: ``z -> p(x|z)``; prior: the prior p(z), both functions of their parameters.
         baseline: the score-function baseline per image (already plate-scaled), or None.
+        discrete: for a discrete code, ``eps`` holds the sampled codes themselves (score-
+            function estimators) or the uniform noise of the Concrete relaxation (relaxed
+            estimators), ``(particles, batch, *event_shape)``.
+        temperature, relaxed_density: the relaxation of the relaxed estimators.
     """
 
     x: torch.Tensor
@@ -287,8 +294,13 @@ class Draw:
     decoder: Callable[[torch.Tensor], dist.Distribution]
     prior: dist.Distribution
     baseline: torch.Tensor | None = None
+    discrete: bool = False
+    temperature: float = 1.0
+    relaxed_density: str = "discrete"
 
     def z(self) -> torch.Tensor:
+        if self.discrete:  # a code sampled beforehand, as Pyro's guide would have
+            return self.eps
         base = self.q.base_dist
         return base.loc + base.scale * self.eps
 
@@ -340,6 +352,24 @@ def _draw_rloo(d: Draw) -> torch.Tensor:
     log_p = d.log_joint(z)
     _, surrogate = rloo_surrogate(log_p - log_q, log_p, log_q)
     return -surrogate.mean()
+
+
+def _draw_relaxed(d: Draw, straight_through: bool) -> torch.Tensor:
+    # RelaxedELBO's surrogate: the Concrete sample from the uniforms Pyro's rsample would
+    # draw, scored (at the relaxed value) by the relaxations of q and the prior
+    soft = concrete_sample(d.q, d.eps, d.temperature)
+    z = straight_through_code(soft, d.q) if straight_through else soft
+    q_r = relax(d.q, d.temperature, density=d.relaxed_density)
+    p_r = relax(d.prior, d.temperature, density=d.relaxed_density)
+    return -(d.decoder(z).log_prob(d.x) + p_r.log_prob(soft) - q_r.log_prob(soft)).mean()
+
+
+def _draw_gumbel_softmax(d: Draw) -> torch.Tensor:
+    return _draw_relaxed(d, False)
+
+
+def _draw_straight_through(d: Draw) -> torch.Tensor:
+    return _draw_relaxed(d, True)
 
 
 def _draw_iwae(d: Draw) -> torch.Tensor:
@@ -522,11 +552,13 @@ ESTIMATORS.update({
     "gumbel-softmax": Estimator(
         "gumbel-softmax", "Concrete / Gumbel-softmax relaxation at --temperature, relaxed "
                           "objective (biased); discrete codes",
-        _relaxed_elbo, surrogate="relaxed", requires="discrete"),
+        _relaxed_elbo, draw_loss=_draw_gumbel_softmax, surrogate="relaxed",
+        requires="discrete"),
     "straight-through": Estimator(
         "straight-through", "straight-through Gumbel: hard codes forward, relaxed gradients "
                             "backward at --temperature (biased); discrete codes",
-        _straight_through_elbo, surrogate="relaxed", requires="discrete"),
+        _straight_through_elbo, draw_loss=_draw_straight_through, surrogate="relaxed",
+        requires="discrete"),
     "exact": Estimator(
         "exact", "exact ELBO and gradient by summing over every code (at most 4096 codes)",
         _exact_elbo, surrogate="exact", requires="enumerable"),
