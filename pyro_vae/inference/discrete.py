@@ -449,8 +449,9 @@ class ExactELBO(ELBO):
 
     def _block(self, model, guide, args, kwargs, name, codes, batch_shape):  # noqa: ANN001
         n = codes.shape[0]
-        value = codes.reshape(n, *([1] * len(batch_shape)), *codes.shape[1:]).expand(
-            n, *batch_shape, *codes.shape[1:])
+        # one row per code, broadcast over the images (not expanded): the decoder runs once
+        # per code, and only the densities are computed per (code, image)
+        value = codes.reshape(n, *([1] * len(batch_shape)), *codes.shape[1:])
 
         def in_plate(fn: Callable) -> Callable:
             def run(*a: Any, **k: Any) -> Any:

@@ -78,7 +78,10 @@ def discrete_draws(vae: VAE, estimator: Estimator, x: torch.Tensor,
     def encode(p: dict[str, torch.Tensor]) -> torch.Tensor:
         return _unwrap(functional_call(vae.encoder, p, (x,)))[0].logits
 
-    logits, pull_back = vjp(encode, enc)
+    # the shared encoder pass in float32 whatever autocast the draws run under: it is done
+    # once, and its logits feed every draw's densities
+    with torch.autocast(x.device.type, enabled=False):
+        logits, pull_back = vjp(encode, enc)
 
     def make_q(logits: torch.Tensor) -> Any:
         return type(base)(logits=logits, validate_args=False).to_event(ndims)

@@ -770,6 +770,11 @@ def measure_gradient_variance(vae: VAE, x: torch.Tensor, estimators: Sequence[st
         if name not in ESTIMATORS:
             raise ConfigError(f"unknown estimator {name!r}; choose from "
                               f"{', '.join(ESTIMATORS)}")
+        if not ESTIMATORS[name].applies_to(discrete=discrete):
+            kind = "discrete" if discrete else "continuous"
+            fitting = ", ".join(n for n, e in ESTIMATORS.items() if e.applies_to(discrete))
+            raise ConfigError(f"estimator {name} does not apply to the {kind} code of this "
+                              f"model; choose from {fitting}")
     results: dict[str, Any] = {}
     if compile is None:
         compile = num_draws * sum(p.numel() for p in measured_parameters(vae).values()) > 1e8
