@@ -26,6 +26,7 @@ from ..inference.estimators import Draw, Estimator
 from ..inference.program import param_scope
 from ..models.vae import VAE
 from ..registry import ESTIMATORS
+from .bound import Bound
 
 
 @torch.no_grad()
@@ -67,8 +68,6 @@ def discrete_draws(vae: VAE, estimator: Estimator, x: torch.Tensor,
                    ) -> Callable[[torch.Tensor], dict[str, torch.Tensor]]:
     """``noise -> per-draw gradients`` of the estimator's ``draw_loss`` for a discrete code,
     the encoder's forward pass shared by all draws (the prior must not use the encoder)."""
-    from .variance import _Bound
-
     enc = {k[len("encoder."):]: v for k, v in params.items() if k.startswith("encoder.")}
     rest = {k: v for k, v in params.items() if not k.startswith("encoder.")}
     with torch.no_grad():
@@ -91,7 +90,7 @@ def discrete_draws(vae: VAE, estimator: Estimator, x: torch.Tensor,
                     temperature=temperature, relaxed_density=relaxed_density)
         return estimator.draw_loss(draw)
 
-    bound = _Bound(vae, draw_of)
+    bound = Bound(vae, draw_of)
 
     def rest_loss(logits: torch.Tensor, p: dict[str, torch.Tensor], noise: torch.Tensor
                   ) -> torch.Tensor:

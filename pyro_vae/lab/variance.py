@@ -42,6 +42,7 @@ from ..inference.estimators import AVG_BASELINE_PARAM, Draw, Estimator
 from ..inference.program import log_weights, param_scope, trace_program
 from ..models.vae import VAE
 from ..registry import ESTIMATORS
+from .bound import Bound as _Bound
 from .discrete import discrete_code, discrete_draws, discrete_noise, exact_gradient
 
 #: Matrix-product precision of the vectorized draws -> context manager.
@@ -332,23 +333,6 @@ def _interval(samples: torch.Tensor, level: float = 0.95) -> list[float]:
 
 
 # -- drawing gradients ----------------------------------------------------------------------------
-class _Bound(nn.Module):
-    """``fn(vae, *args)`` as a module, so ``functional_call`` swaps *every* use of a parameter.
-
-    A prior may use the encoder (the VampPrior evaluates q(z|u_k) at its pseudo-inputs); calling
-    the prior's own ``functional_call`` would leave that path on the real, unswapped encoder and
-    silently drop the encoder gradient that flows through log p(z).
-    """
-
-    def __init__(self, vae: VAE, fn: Callable[..., torch.Tensor]):
-        super().__init__()
-        self.vae = vae
-        self.fn = fn
-
-    def forward(self, *args: Any) -> torch.Tensor:
-        return self.fn(self.vae, *args)
-
-
 def _draw_of(vae: VAE, estimator: Estimator, x: torch.Tensor, q: Any, eps: torch.Tensor,
              baseline: torch.Tensor | None) -> torch.Tensor:
     draw = Draw(x, q, eps, vae.decoder, vae.prior(), baseline)
