@@ -214,17 +214,18 @@ def test_commands_end_to_end(tmp_path, latent, estimator):
     out = tmp_path / "run"
     tiny = ["--hidden-dims", "32", "--latent-dim", "4", "--categories", "3",
             "--train-limit", "256", "--batch-size", "64", "--no-progress", "--threads", "1"]
+    full = latent == "bernoulli"  # the figures and the other commands once
     assert _run(["train", "--out", str(out), "--epochs", "2", "--latent", latent,
-                 "--estimator", estimator, *tiny]) == 0
+                 "--estimator", estimator, *tiny, *([] if full else ["--no-figures"])]) == 0
     metrics = [json.loads(s) for s in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(math.isfinite(m["test_elbo"]) for m in metrics)
-    assert (out / "samples.png").is_file()
     assert _run(["evaluate", str(out), "--num-samples", "8", "--limit", "16"]) == 0
     result = json.loads((out / "evaluation.json").read_text())
-    assert result["kl_closed_form"] if "kl_closed_form" in result else True
     assert result["log_likelihood"]["nats"] >= result["elbo"]["nats"] - 1.0
-    assert _run(["sample", str(out), "--num-pairs", "2", "--num-images", "4"]) == 0
-    assert _run(["score", str(out), "--limit", "8", "--num-samples", "8"]) == 0
+    if full:
+        assert (out / "samples.png").is_file()
+        assert _run(["sample", str(out), "--num-pairs", "2", "--num-images", "4"]) == 0
+        assert _run(["score", str(out), "--limit", "8", "--num-samples", "8"]) == 0
 
 
 def test_reported_elbo_of_a_relaxed_run_is_the_discrete_elbo(tmp_path):

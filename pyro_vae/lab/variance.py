@@ -38,6 +38,7 @@ from torch.func import functional_call, grad, vjp, vmap
 from ..errors import ConfigError
 from ..inference.accelerators import GENERIC, PathChoice, record
 from ..inference.accelerators.mlp_gradients import MLPGradients, unsupported_reason
+from ..inference.discrete import _unwrap
 from ..inference.estimators import AVG_BASELINE_PARAM, Draw, Estimator
 from ..inference.program import log_weights, param_scope, trace_program
 from ..models.vae import VAE
@@ -482,7 +483,9 @@ def _choose_discrete(vae: VAE, estimator: Estimator, x: torch.Tensor, num_partic
                      ) -> PathChoice:
     """The ``func`` path for a discrete code (:mod:`pyro_vae.lab.discrete`), held to Pyro on a
     probe draw; ``hand`` never applies (it writes out a diagonal-Normal guide)."""
-    reason = "hand: the guide's code is discrete, not diagonal Normal"
+    with torch.no_grad():
+        kind = type(_unwrap(vae.encoder(x[:1]))[0]).__name__
+    reason = f"hand: the guide's code is discrete ({kind}), not diagonal Normal"
     if method == "hand":
         raise ConfigError(f"method hand: {reason}")
     if estimator.draw_loss is None:
