@@ -1,14 +1,14 @@
 """Time the default discrete variance experiment against the plain per-draw loop.
 
 The experiment: a 10-bit Bernoulli code (784-128-10 networks), a reference run trained with
-rloo (K = 2) and measured at 3 checkpoints on one minibatch of 256 digits, with the exact
+straight-through and measured at 3 checkpoints on one minibatch of 256 digits, with the exact
 gradient (a sum over the 1,024 codes) as oracle and R = 1000 draws of each unbiased and relaxed
-estimator (score, score-avg-baseline, rloo, vimco, gumbel-softmax, straight-through), K = 2
-samples per image per draw. The plain loop is one Pyro ``loss_and_grads`` per draw (the lab's
-reference path), timed on ``--loop-draws`` draws per estimator and scaled to the experiment's
-count. Usage::
+estimator (score, score-avg-baseline, rloo, vimco, gumbel-softmax, straight-through), each at
+its smallest number of samples per image (1; 2 for rloo and vimco). The plain loop is one
+Pyro ``loss_and_grads`` per draw (the lab's reference path), timed on ``--loop-draws`` draws
+per estimator and scaled to the experiment's count. Usage::
 
-    python scripts/bench_discrete.py            # about a minute or more on a shared 2-core CPU
+    python scripts/bench_discrete.py            # minutes on a shared 2-core CPU (docs/discrete.md)
 """
 
 from __future__ import annotations
@@ -37,7 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bits", type=int, default=10)
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--draws", type=int, default=1000)
-    p.add_argument("--particles", type=int, default=2)
+    p.add_argument("--particles", type=int, default=1,
+                   help="samples per image per draw (rloo and vimco take at least 2)")
     p.add_argument("--checkpoints", type=int, nargs="+", default=[0, 200, 1000])
     p.add_argument("--loop-draws", type=int, default=20)
     p.add_argument("--threads", type=int, default=1)
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg.model.latent = "bernoulli"
     cfg.model.latent_dim = args.bits
     cfg.model.hidden_dims = [args.hidden]
-    cfg.train.estimator = "rloo"
+    cfg.train.estimator = "straight-through"
     cfg.train.num_particles = args.particles
     cfg.train.progress = False
     cfg.validate()
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     x = fixed_minibatch(dataset, cfg, 256)
     n = len(args.checkpoints) * args.draws  # draws per estimator in the experiment
     loop = {e: ms_per_draw(vae, e, x, args.loop_draws, args.particles, method="pyro")
-            for e in ESTIMATORS}
+            for e in ESTIMATORS}  # gradient_draws raises the particles to each one's minimum
     parts = ", ".join(f"{e} {ms:.1f}" for e, ms in loop.items())
     loop_s = n * sum(loop.values()) / 1e3
     print(f"plain loop (Pyro loss_and_grads per draw): {parts} ms/draw; the experiment's "
