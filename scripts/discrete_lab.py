@@ -238,11 +238,14 @@ def _curve_figures(results: dict, folder: Path, plt) -> list[Path]:  # noqa: ANN
             secs = [0.0, *c["seconds"]]
             elbo = [c["initial_test_elbo"], *c["test_elbo"]]
             axes[0].plot(steps, elbo, "o-", label=label)
-            axes[1].plot(secs, elbo, "o-", label=label)
-        for ax, xl in zip(axes, ("training step", "training seconds (1 thread)")):
+            axes[1].plot(secs[1:], elbo[1:], "o-", label=label)
+        start = min(c["initial_test_elbo"] for c in results["curves"].values()
+                    if "error" not in c and c["code"] == code)
+        for ax, xl in zip(axes, ("training step", "training seconds (1 thread, log scale)")):
             ax.set(xlabel=xl, ylabel="test ELBO of the discrete model (nats)",
-                   title=f"{code}: 5 epochs on the embedded digits")
-            ax.set_ylim(bottom=-260)
+                   title=f"{code}: 5 epochs (before training: {start:.0f} nats)")
+            ax.set_ylim(-230, -185)
+        axes[1].set_xscale("log")
         axes[0].legend(fontsize=7)
         fig.tight_layout()
         paths.append(folder / f"training_{code}.png")
