@@ -323,3 +323,23 @@ def test_lab_bias_column_separates_unbiased_from_relaxed():
     relaxed = enc["gumbel-softmax"]
     assert relaxed["relative_error"] > 5 * relaxed["noise_floor"]
     assert relaxed["relative_error_ci"][0] > enc["rloo"]["relative_error_ci"][1]
+
+
+def test_temperature_anneals_geometrically_and_the_trainer_sets_it():
+    from conftest import small_dataset
+
+    from pyro_vae.inference.discrete import RelaxedELBO
+    from pyro_vae.training.trainer import Trainer
+
+    elbo = RelaxedELBO(2.0, 0.5)
+    for fraction, want in ((0.0, 2.0), (0.5, 1.0), (1.0, 0.5)):
+        elbo.set_progress(fraction)
+        assert elbo.temperature == pytest.approx(want)
+    cfg, _ = tiny_vae("bernoulli", "gumbel-softmax", temperature=2.0, temperature_final=0.5)
+    cfg.train.epochs, cfg.train.batch_size, cfg.train.progress = 2, 64, False
+    trainer = Trainer(cfg, small_dataset(128, 32, side=4))
+    x = (trainer.dataset.train.images[:64] > 0.5).float()
+    for _ in range(4):  # 2 epochs of 2 steps: the last step is at the final temperature
+        trainer.step(x)
+        trainer.global_step += 1
+    assert trainer.elbo.temperature == pytest.approx(0.5)
