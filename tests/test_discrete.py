@@ -343,3 +343,25 @@ def test_temperature_anneals_geometrically_and_the_trainer_sets_it():
         trainer.step(x)
         trainer.global_step += 1
     assert trainer.elbo.temperature == pytest.approx(0.5)
+
+
+def test_variance_command_reports_bias_for_a_discrete_code(tmp_path):
+    out = tmp_path / "var"
+    assert _run(["variance", "--out", str(out), "--latent", "bernoulli", "--latent-dim", "3",
+                 "--hidden-dims", "8", "--estimator", "score", "--estimators", "score", "rloo",
+                 "gumbel-softmax", "--checkpoints", "0", "--draws", "6", "--measure-batch", "8",
+                 "--draw-precision", "float32", "--no-figures", "--no-progress",
+                 "--train-limit", "64", "--batch-size", "32"]) == 0
+    result = json.loads((out / "variance.json").read_text())
+    row = result["measurements"][0]
+    assert row["oracle"] == "exact"
+    encoder = row["estimators"]["rloo"]["groups"]["encoder"]
+    assert {"relative_error", "relative_error_ci", "noise_floor", "relative_bias",
+            "cost_adjusted_variance"} <= set(encoder)
+    assert "relative_error" in (out / "variance.csv").read_text().splitlines()[0]
+    # a reparametrized estimator does not apply to the code: one line, exit 2
+    assert _run(["variance", "--out", str(tmp_path / "bad"), "--latent", "bernoulli",
+                 "--latent-dim", "3", "--hidden-dims", "8", "--estimator", "score",
+                 "--estimators", "reparam", "--checkpoints", "0", "--draws", "4",
+                 "--measure-batch", "8", "--train-limit", "64", "--batch-size", "32",
+                 "--no-progress"]) == 2
