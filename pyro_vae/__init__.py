@@ -33,9 +33,13 @@ from .metrics import (
 )
 from .models import (
     VAE,
+    BernoulliCode,
+    CategoricalCode,
     Decoder,
     DiagonalLaplace,
     DiagonalNormal,
+    DiscreteLearnedPrior,
+    DiscreteUniformPrior,
     Encoder,
     FlowPrior,
     GuideFamily,
@@ -72,6 +76,7 @@ __all__ = [
     "ENCODERS", "GuideFamily", "DiagonalNormal", "DiagonalLaplace",
     "StandardNormalPrior", "LearnedGaussianPrior", "MixturePrior", "VampPrior", "FlowPrior",
     "StudentTPrior", "build_prior",
+    "BernoulliCode", "CategoricalCode", "DiscreteUniformPrior", "DiscreteLearnedPrior",
     "TrainResult", "fit", "train", "load_run",
     "measure_gradient_variance", "variance_experiment",
     "PathChoice", "trace_program", "log_weights", "inspect_program",

@@ -47,6 +47,14 @@ def option(default: Any, help: str, *, choices: Callable[[], list[str]] | list[s
     return field(default=default, metadata=meta)
 
 
+#: Kinds of latent code (``model.latent``).
+LATENT_KINDS = ["gaussian", "bernoulli", "categorical"]
+#: For a discrete ``model.latent``: the guide family and prior that replace the Gaussian
+#: defaults (``diagonal-normal``, ``standard-normal``) when those were left unchanged.
+DISCRETE_DEFAULTS = {"bernoulli": ("bernoulli", "discrete-uniform"),
+                     "categorical": ("categorical", "discrete-uniform")}
+
+
 def _positive(v: Any) -> bool:
     return v > 0
 
@@ -104,7 +112,15 @@ class ModelConfig:
     """The networks, the likelihood p(x|z) and the prior p(z)."""
 
     arch: str = option("mlp", "network family", choices=["mlp", "conv"])
-    latent_dim: int = option(50, "dimension of z", check=_positive, need="> 0")
+    latent: str = option("gaussian", "kind of code z: gaussian (continuous), bernoulli "
+                                     "(--latent-dim binary units) or categorical (--latent-dim "
+                                     "one-hot groups of --categories); a discrete kind replaces "
+                                     "the Gaussian defaults of --encoder and --prior by its own",
+                         choices=LATENT_KINDS)
+    latent_dim: int = option(50, "dimension of z (binary units, or one-hot groups, of a "
+                                 "discrete code)", check=_positive, need="> 0")
+    categories: int = option(10, "categories K of each group of --latent categorical",
+                             check=lambda v: v >= 2, need=">= 2")
     hidden_dims: list[int] = option([400], "hidden layer sizes of the MLP (encoder; the decoder "
                                            "mirrors them), or of the conv nets' dense layer",
                                     check=lambda v: len(v) > 0 and all(h > 0 for h in v),
@@ -183,6 +199,18 @@ class TrainConfig:
     precision: str = option("float32", "bf16: matrix products in bfloat16 under autocast, "
                                        "densities and sums in float32",
                             choices=["float32", "bf16"])
+    temperature: float = option(1.0, "temperature of the Concrete relaxation of the "
+                                     "gumbel-softmax and straight-through estimators (at the "
+                                     "first step, when annealed)", check=_positive, need="> 0")
+    temperature_final: float = option(0.0, "anneal the temperature geometrically from "
+                                           "--temperature to this value at the last step "
+                                           "(0: constant)", check=_non_negative, need=">= 0")
+    relaxed_density: str = option("discrete", "how gumbel-softmax and straight-through score "
+                                              "a relaxed code: discrete (the units' "
+                                              "log-probabilities, linear in the code) or "
+                                              "concrete (the Concrete densities; relaxed "
+                                              "objective of Maddison et al.)",
+                                  choices=["discrete", "concrete"])
     threads: int = option(0, "CPU threads for torch (0: torch's default, one per core); on a "
                              "machine shared with other jobs 1 is often much faster",
                           check=_non_negative, need=">= 0")
@@ -304,6 +332,7 @@ class Config:
         return self
 
     def _validate_combinations(self) -> None:
+        self._apply_latent_defaults()
         if self.train.early_stop_patience and not self.data.val_fraction:
             raise ConfigError("train.early_stop_patience needs a validation split: set "
                               "data.val_fraction, e.g. 0.1")
@@ -311,11 +340,36 @@ class Config:
         registry.LIKELIHOODS[self.model.likelihood].check_config(self)
         registry.PRIORS[self.model.prior].check_config(self)
         registry.ENCODERS[self.model.encoder].check_config(self)
+        self._check_latent_kind()
         if self.train.device == "cuda":
             import torch
             if not torch.cuda.is_available():
                 raise ConfigError("train.device = 'cuda' but no CUDA device is available; "
                                   "use train.device=\"cpu\" or \"auto\"")
+
+
+    def _apply_latent_defaults(self) -> None:
+        """A discrete ``model.latent`` with the Gaussian default guide family and prior gets its
+        own defaults instead (recorded in the config, so a saved run names them)."""
+        defaults = DISCRETE_DEFAULTS.get(self.model.latent)
+        if defaults is None:
+            return
+        if self.model.encoder == "diagonal-normal":
+            self.model.encoder = defaults[0]
+        if self.model.prior == "standard-normal":
+            self.model.prior = defaults[1]
+
+    def _check_latent_kind(self) -> None:
+        """Guide family and prior must produce the kind of code ``model.latent`` names: each
+        part declares the kinds it supports in its ``latent_kinds`` attribute."""
+        kind = self.model.latent
+        for what, reg, name in (("encoder", registry.ENCODERS, self.model.encoder),
+                                ("prior", registry.PRIORS, self.model.prior)):
+            kinds = getattr(reg[name], "latent_kinds", ("gaussian",))
+            if kind not in kinds:
+                raise ConfigError(f"{what} {name} makes a {'/'.join(kinds)} code, not the "
+                                  f"{kind} code of model.latent = {kind!r}; use --latent "
+                                  f"{kinds[0]} or another --{what}")
 
 
 def _coerce(name: str, value: Any, f: dataclasses.Field) -> Any:

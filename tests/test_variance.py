@@ -15,6 +15,8 @@ from pyro_vae.inference.accelerators.mlp_gradients import SUPPORTED
 from pyro_vae.inference.estimators import AVG_BASELINE_PARAM
 from pyro_vae.lab.variance import gradient_draws, measure_gradient_variance
 
+#: The estimators that apply to a continuous code (the discrete-only ones: tests/test_discrete.py)
+CONTINUOUS = [n for n in sorted(ESTIMATORS) if ESTIMATORS[n].applies_to(discrete=False)]
 
 def _tiny_vae(estimator: str = "reparam") -> VAE:
     cfg = tiny_config(estimator=estimator)
@@ -28,7 +30,7 @@ def _digits(mnist5k_grey, n: int = 32) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("method", ["func", "hand"])
-@pytest.mark.parametrize("name", sorted(ESTIMATORS))
+@pytest.mark.parametrize("name", CONTINUOUS)
 def test_vectorized_draws_equal_pyro_loss_and_grads(name, method, mnist5k_grey):
     if method == "hand" and ESTIMATORS[name].surrogate not in SUPPORTED:
         pytest.skip(f"{name} has no hand-written gradient")
@@ -41,10 +43,14 @@ def test_vectorized_draws_equal_pyro_loss_and_grads(name, method, mnist5k_grey):
                                       method=method)]
     torch.manual_seed(5)
     slow = [g for g in gradient_draws(vae, name, x, 3, num_particles=k, vectorized=False)]
+    # leave-one-out signals are differences of nearly equal log-weights: float32 rounding of
+    # the networks (vmap vs Pyro's batch) is amplified there
+    loo = ESTIMATORS[name].surrogate in ("leave-one-out-score", "multi-sample-score")
     for a, b in zip(fast, slow):
         for param in a:
             scale = b[param].abs().max().item()
-            torch.testing.assert_close(a[param], b[param], rtol=1e-3, atol=1e-5 * scale)
+            torch.testing.assert_close(a[param], b[param], rtol=1e-3,
+                                       atol=(1e-4 if loo else 1e-5) * scale)
 
 
 def test_measuring_changes_nothing(mnist5k_grey):

@@ -344,8 +344,10 @@ def _run_variance(args: argparse.Namespace) -> int:
     for m in experiment["measurements"]:
         for name, res in m["estimators"].items():
             enc, dec = res["groups"]["encoder"], res["groups"]["decoder"]
+            bias = (f", error vs exact {enc['relative_error']:.3f} (noise "
+                    f"{enc['noise_floor']:.3f})" if "relative_error" in enc else "")
             print(f"  step {m['step']:>6} {name:<20} encoder var x{enc['ratio_to_reparam']:.3g} "
-                  f"(SNR {enc['snr']:.3g}, cos {enc['cosine']:.3f}); decoder var "
+                  f"(SNR {enc['snr']:.3g}, cos {enc['cosine']:.3f}{bias}); decoder var "
                   f"x{dec['ratio_to_reparam']:.3g}")
     return 0
 

@@ -225,7 +225,7 @@ def sample_run(run_dir: str | Path, out_dir: str | Path | None = None, seed: int
     out_dir = Path(out_dir) if out_dir is not None else run_dir / "samples"
     cfg, vae, shape = _load(run_dir, device)
     names = ["prior_means", "prior_draws", "reconstructions", "interpolations", "latent_space"]
-    two_d = cfg.model.latent_dim == 2
+    two_d = cfg.model.latent_dim == 2 and cfg.model.latent == "gaussian"
     if two_d:
         names.append("manifold")
     paths = {n: out_dir / f"{n}.png" for n in names}
@@ -272,7 +272,8 @@ def _draw_samples(vae: VAE, cfg: Any, x: torch.Tensor, labels: torch.Tensor,
     plots.save_interpolations(paths["interpolations"], interpolate(vae, x[pairs[:, 0]],
                                                                    x[pairs[:, 1]], steps),
                               x[pairs[:, 0]], x[pairs[:, 1]], shape)
-    codes = torch.cat([vae.encoder(xb).mean for xb in x.split(1000)]).cpu()
+    # E_q[z|x]; for one-hot groups the probabilities of every group, flattened
+    codes = torch.cat([vae.encoder(xb).mean.flatten(1) for xb in x.split(1000)]).cpu()
     if two_d:
         plots.plot_latent_scatter(paths["latent_space"], codes, labels,
                                   "test set: E_q[z|x], coloured by label", "z1", "z2")

@@ -262,8 +262,10 @@ def write_variance_figures(out_dir: str | Path, experiment: dict[str, Any]) -> d
                         "trace of gradient covariance", "Gradient variance (95% bootstrap band)")
     _plot_variance_stat(paths["snr_vs_step"], experiment, "snr", "mean |mean| / std",
                         "Gradient signal-to-noise ratio")
+    # the ratio's reference: reparam for a continuous code, score for a discrete one
+    ref = next((m.get("ratio_reference") for m in experiment["measurements"]), None) or "reparam"
     _plot_variance_stat(paths["ratio_vs_step"], experiment, "ratio_to_reparam",
-                        "trace ratio to reparam", "Variance relative to reparam (95% band)",
+                        f"trace ratio to {ref}", f"Variance relative to {ref} (95% band)",
                         reference=1.0)
     if experiment.get("curves"):
         paths["elbo_curves"] = out_dir / "elbo_curves.png"

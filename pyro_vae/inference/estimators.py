@@ -29,6 +29,21 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..registry import ESTIMATORS, PRIORS
+from .discrete import (
+    MAX_EXACT_CODES,
+    RLOO_ELBO,
+    VIMCO_ELBO,
+    ExactELBO,
+    RelaxedELBO,
+    _unwrap,
+    concrete_sample,
+    is_discrete,
+    num_codes,
+    relax,
+    rloo_surrogate,
+    straight_through_code,
+    vimco_surrogate,
+)
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -315,6 +330,33 @@ def _dreg_elbo(cfg: Config) -> ELBO:
     return DReG_ELBO(num_particles=cfg.train.num_particles or ESTIMATORS["dreg"].default_particles)
 
 
+def _vimco_elbo(cfg: Config) -> ELBO:
+    return VIMCO_ELBO(num_particles=cfg.train.num_particles
+                      or ESTIMATORS["vimco"].default_particles)
+
+
+def _rloo_elbo(cfg: Config) -> ELBO:
+    return RLOO_ELBO(num_particles=cfg.train.num_particles or ESTIMATORS["rloo"].default_particles)
+
+
+def _relaxed_elbo(cfg: Config) -> ELBO:
+    return RelaxedELBO(cfg.train.temperature, cfg.train.temperature_final,
+                       density=cfg.train.relaxed_density,
+                       num_particles=cfg.train.num_particles or 1, vectorize_particles=True,
+                       max_plate_nesting=1)
+
+
+def _straight_through_elbo(cfg: Config) -> ELBO:
+    return RelaxedELBO(cfg.train.temperature, cfg.train.temperature_final,
+                       straight_through=True, density=cfg.train.relaxed_density,
+                       num_particles=cfg.train.num_particles or 1,
+                       vectorize_particles=True, max_plate_nesting=1)
+
+
+def _exact_elbo(cfg: Config) -> ELBO:
+    return ExactELBO()
+
+
 # -- the same surrogates as functions of one draw (for vectorized variance measurement) -----------
 @dataclass
 class Draw:
@@ -330,6 +372,10 @@ class Draw:
         eps: standard normal noise, ``(particles, batch, latent_dim)``.
         decoder: ``z -> p(x|z)``; prior: the prior p(z), both functions of their parameters.
         baseline: the score-function baseline per image (already plate-scaled), or None.
+        discrete: for a discrete code, ``eps`` holds the sampled codes themselves (score-
+            function estimators) or the uniform noise of the Concrete relaxation (relaxed
+            estimators), ``(particles, batch, *event_shape)``.
+        temperature, relaxed_density: the relaxation of the relaxed estimators.
     """
 
     x: torch.Tensor
@@ -338,8 +384,13 @@ class Draw:
     decoder: Callable[[torch.Tensor], dist.Distribution]
     prior: dist.Distribution
     baseline: torch.Tensor | None = None
+    discrete: bool = False
+    temperature: float = 1.0
+    relaxed_density: str = "discrete"
 
     def z(self) -> torch.Tensor:
+        if self.discrete:  # a code sampled beforehand, as Pyro's guide would have
+            return self.eps
         base = self.q.base_dist
         return base.loc + base.scale * self.eps
 
@@ -374,6 +425,41 @@ def _draw_score(d: Draw) -> torch.Tensor:
     if d.baseline is not None:
         signal = signal - d.baseline
     return -(d.log_joint(z) + log_q * signal.detach()).mean()
+
+
+def _draw_vimco(d: Draw) -> torch.Tensor:
+    # VIMCO_ELBO's surrogate (z sampled without a path: detached), per image
+    z = d.z().detach()
+    log_q = d.q.log_prob(z)
+    _, surrogate = vimco_surrogate(d.log_joint(z) - log_q, log_q)
+    return -surrogate.mean()
+
+
+def _draw_rloo(d: Draw) -> torch.Tensor:
+    # RLOO_ELBO's surrogate, per image
+    z = d.z().detach()
+    log_q = d.q.log_prob(z)
+    log_p = d.log_joint(z)
+    _, surrogate = rloo_surrogate(log_p - log_q, log_p, log_q)
+    return -surrogate.mean()
+
+
+def _draw_relaxed(d: Draw, straight_through: bool) -> torch.Tensor:
+    # RelaxedELBO's surrogate: the Concrete sample from the uniforms Pyro's rsample would
+    # draw, scored (at the relaxed value) by the relaxations of q and the prior
+    soft = concrete_sample(d.q, d.eps, d.temperature)
+    z = straight_through_code(soft, d.q) if straight_through else soft
+    q_r = relax(d.q, d.temperature, density=d.relaxed_density)
+    p_r = relax(d.prior, d.temperature, density=d.relaxed_density)
+    return -(d.decoder(z).log_prob(d.x) + p_r.log_prob(soft) - q_r.log_prob(soft)).mean()
+
+
+def _draw_gumbel_softmax(d: Draw) -> torch.Tensor:
+    return _draw_relaxed(d, False)
+
+
+def _draw_straight_through(d: Draw) -> torch.Tensor:
+    return _draw_relaxed(d, True)
 
 
 def _draw_iwae(d: Draw) -> torch.Tensor:
@@ -431,6 +517,10 @@ class Estimator:
         default_particles: the particles used when ``--num-particles`` is 0 (the default).
         needs_rsample: every guide site must be reparametrizable (``has_rsample``); the trainer
             refuses other guides before anything is written (:meth:`check_program`).
+        requires: what the guide family's q(z|x) must be for this estimator, read from the
+            distribution (never from names): ``rsample`` (reparametrizable), ``discrete`` (a
+            discrete support: Bernoulli or one-hot units), ``enumerable`` (discrete with at
+            most :data:`~pyro_vae.inference.discrete.MAX_EXACT_CODES` codes) or ``any``.
         encoder_lr_scale: the encoder's Adam learning rate is ``--lr`` times this. Adam takes
             steps of about ``lr`` per parameter whatever the gradient's noise, so an encoder
             gradient with a signal-to-noise ratio near 0.025 (plain REINFORCE, measured in
@@ -450,6 +540,7 @@ class Estimator:
     needs_closed_form_kl: bool = False
     min_particles: int = 1
     default_particles: int = 1
+    requires: str = "rsample"
     encoder_lr_scale: float = 1.0
     needs_rsample: bool = False
 
@@ -458,14 +549,23 @@ class Estimator:
         """Whether the encoder's gradient uses the score function (REINFORCE)."""
         return self.surrogate == "score-function"
 
+    def applies_to(self, discrete: bool) -> bool:
+        """Whether this estimator can train a code of this kind (continuous or discrete), as
+        far as :attr:`requires` tells without building the code."""
+        if self.requires == "any":
+            return True
+        return discrete == (self.requires in ("discrete", "enumerable"))
+
     def check_config(self, cfg: Config) -> None:
         """Raise ConfigError if this estimator cannot be used with ``cfg``."""
+        self._check_family(cfg)
         if self.needs_closed_form_kl:
             if not PRIORS[cfg.model.prior].closed_form_kl:
                 raise ConfigError(f"estimator {self.name} needs a closed-form KL, which prior "
                                   f"{cfg.model.prior} does not have; use "
                                   f"train.estimator=\"reparam\"")
-        if self.surrogate in ("importance-weighted", "doubly-reparametrized") and (
+        if self.surrogate in ("importance-weighted", "doubly-reparametrized",
+                              "multi-sample-score") and (
                 cfg.train.beta != 1.0 or cfg.train.kl_warmup_epochs):
             raise ConfigError(f"estimator {self.name} optimizes the importance-weighted bound, "
                               f"which has no KL term for train.beta or "
@@ -487,6 +587,45 @@ class Estimator:
                                   f"site {site.name!r} is {kind}, which has no rsample")
 
 
+    def _check_family(self, cfg: Config) -> None:
+        """Refuse a guide family whose q(z|x) lacks what :attr:`requires` asks for; the
+        family is built and asked (``has_rsample``, its support), whatever its name."""
+        if self.requires == "any":
+            return
+        q = example_posterior(cfg)
+        if q is None:  # a family that cannot be built here: the first training step will tell
+            return
+        family = cfg.model.encoder
+        if self.requires == "rsample" and not q.has_rsample:
+            kind = type(_unwrap(q)[0]).__name__
+            raise ConfigError(f"estimator {self.name} needs a reparametrizable q(z|x), and "
+                              f"encoder {family} ({kind}) has no rsample; use "
+                              f"an estimator for discrete codes (score, vimco, rloo, "
+                              f"gumbel-softmax, straight-through, exact)")
+        if self.requires in ("discrete", "enumerable") and not is_discrete(q):
+            raise ConfigError(f"estimator {self.name} is for discrete codes, and encoder "
+                              f"{family} makes a continuous one; use --latent bernoulli or "
+                              f"--latent categorical, or another estimator")
+        if self.requires == "enumerable":
+            count = num_codes(q)
+            if count > MAX_EXACT_CODES:
+                raise ConfigError(f"estimator {self.name} sums over all {count:.3g} codes, more "
+                                  f"than the {MAX_EXACT_CODES} it allows; use a smaller "
+                                  f"--latent-dim")
+
+
+def example_posterior(cfg: Config) -> dist.Distribution | None:
+    """q(z|x) of ``cfg``'s guide family at arbitrary features (for checks of its properties),
+    or None when the family cannot be built from the config alone."""
+    try:
+        from ..models.encoders import build_guide_family
+
+        family = build_guide_family(cfg.model.encoder, cfg.model)
+        return family(torch.zeros(1, family.num_features))
+    except Exception:  # noqa: BLE001 - a plugin family that needs more than the config
+        return None
+
+
 #: Estimator name -> Estimator (the registry lives in :mod:`pyro_vae.registry`). Adding an
 #: estimator is one entry.
 ESTIMATORS.update({
@@ -504,19 +643,19 @@ ESTIMATORS.update({
     "score": Estimator(
         "score", "score function (REINFORCE) for z, no baseline (Trace_ELBO); encoder lr x 0.1",
         _trace_elbo, posterior=score_function, draw_loss=_draw_score, surrogate="score-function",
-        encoder_lr_scale=0.1),
+        requires="any", encoder_lr_scale=0.1),
     "score-avg-baseline": Estimator(
         "score-avg-baseline", "score function with a decaying-average baseline "
                               "(TraceGraph_ELBO)", _tracegraph_elbo,
         posterior=score_function, site_infer=_avg_baseline_infer, draw_loss=_draw_score,
-        surrogate="score-function",
+        surrogate="score-function", requires="any",
         baseline="avg"),
     "score-nn-baseline": Estimator(
         "score-nn-baseline", "score function with a neural, input-dependent baseline (NVIL; "
                              "TraceGraph_ELBO)", _tracegraph_elbo,
         posterior=score_function, site_infer=_nn_baseline_infer,
         make_modules=_nn_baseline_modules, draw_loss=_draw_score, surrogate="score-function",
-        baseline="nn"),
+        requires="any", baseline="nn"),
     "iwae": Estimator(
         "iwae", "importance-weighted bound with K = --num-particles samples (default 5), "
                 "reparametrized",
@@ -527,4 +666,29 @@ ESTIMATORS.update({
                 "al. 2019), K = --num-particles (default 5)",
         _dreg_elbo, draw_loss=_draw_dreg, surrogate="doubly-reparametrized", min_particles=2,
         default_particles=5, needs_rsample=True),
+    "vimco": Estimator(
+        "vimco", "K-sample bound, score function with per-sample leave-one-out baselines "
+                 "(Mnih & Rezende 2016); K = --num-particles (default 5)",
+        _vimco_elbo, posterior=score_function, draw_loss=_draw_vimco,
+        surrogate="multi-sample-score", min_particles=2,
+        default_particles=5, requires="any"),
+    "rloo": Estimator(
+        "rloo", "REINFORCE leave-one-out: K samples, each baselined by the mean of the others "
+                "(Kool et al. 2019); K = --num-particles (default 5)",
+        _rloo_elbo, posterior=score_function, draw_loss=_draw_rloo,
+        surrogate="leave-one-out-score", min_particles=2,
+        default_particles=5, requires="any"),
+    "gumbel-softmax": Estimator(
+        "gumbel-softmax", "Concrete / Gumbel-softmax relaxation at --temperature, relaxed "
+                          "objective (biased); discrete codes",
+        _relaxed_elbo, draw_loss=_draw_gumbel_softmax, surrogate="relaxed",
+        requires="discrete"),
+    "straight-through": Estimator(
+        "straight-through", "straight-through Gumbel: hard codes forward, relaxed gradients "
+                            "backward at --temperature (biased); discrete codes",
+        _straight_through_elbo, draw_loss=_draw_straight_through, surrogate="relaxed",
+        requires="discrete"),
+    "exact": Estimator(
+        "exact", "exact ELBO and gradient by summing over every code (at most 4096 codes)",
+        _exact_elbo, surrogate="exact", requires="enumerable"),
 })

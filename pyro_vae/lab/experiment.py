@@ -131,7 +131,8 @@ def variance_experiment(cfg: Any, dataset: Any, estimators: Sequence[str] = (
             result = measure_gradient_variance(
                 vae, x, estimators, num_draws=num_draws, oracle_draws=oracle_draws,
                 num_particles=cfg.train.num_particles or 1, train_scale=train_scale, seed=seed,
-                precision=precision)
+                precision=precision, temperature=cfg.train.temperature,
+                relaxed_density=cfg.train.relaxed_density)
             rows.append({"run": run_name, "latent_dim": latent_dim, "batch_size": size,
                          "step": step, **result})
     timing["measurement_s"] = time.perf_counter() - start_all
@@ -169,5 +170,12 @@ def variance_rows(experiment: dict[str, Any]) -> list[dict[str, Any]]:
                     "cosine_hi": s["cosine_ci"][1], "ratio_to_reparam": s["ratio_to_reparam"],
                     "ratio_lo": s["ratio_to_reparam_ci"][0],
                     "ratio_hi": s["ratio_to_reparam_ci"][1],
-                    "seconds_per_draw": res["seconds_per_draw"]})
+                    "seconds_per_draw": res["seconds_per_draw"],
+                    "cost_adjusted_variance": s.get("cost_adjusted_variance", ""),
+                    # against the exact gradient (discrete codes; empty otherwise)
+                    "relative_error": s.get("relative_error", ""),
+                    "relative_error_lo": s.get("relative_error_ci", ["", ""])[0],
+                    "relative_error_hi": s.get("relative_error_ci", ["", ""])[1],
+                    "noise_floor": s.get("noise_floor", ""),
+                    "relative_bias": s.get("relative_bias", "")})
     return out

@@ -38,10 +38,13 @@ from torch.func import functional_call, grad, vjp, vmap
 from ..errors import ConfigError
 from ..inference.accelerators import GENERIC, PathChoice, record
 from ..inference.accelerators.mlp_gradients import MLPGradients, unsupported_reason
+from ..inference.discrete import _unwrap
 from ..inference.estimators import AVG_BASELINE_PARAM, Draw, Estimator
 from ..inference.program import log_weights, param_scope, trace_program
 from ..models.vae import VAE
 from ..registry import ESTIMATORS
+from .bound import Bound as _Bound
+from .discrete import discrete_code, discrete_draws, discrete_noise, exact_gradient
 
 #: Matrix-product precision of the vectorized draws -> context manager.
 PRECISIONS: dict[str, Callable[[str], Any]] = {
@@ -158,10 +161,16 @@ class _Moments:
     Shifting by a reference close to the mean (the oracle) keeps sum-of-squares accurate.
     """
 
-    def __init__(self, reference: dict[str, torch.Tensor], groups: dict[str, list[str]]):
+    def __init__(self, reference: dict[str, torch.Tensor], groups: dict[str, list[str]],
+                 blocks: bool = False):
         self.reference = reference
         self.groups = groups
         self.count = 0
+        #: with ``blocks``, each chunk's summed deviation per parameter and its draw count: the
+        #: bootstrap of the mean gradient's distance to the reference resamples chunks
+        self.block_sums: dict[str, list[torch.Tensor]] | None = \
+            {k: [] for k in reference} if blocks else None
+        self.block_counts: list[int] = []
         self.sum = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in reference.items()}
         self.sumsq = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in reference.items()}
         # per draw, per group: ||g - ref||^2 and (g - ref) . ref, for the bootstrap
@@ -179,6 +188,8 @@ class _Moments:
             else _chunk_moments(*args)
         sq_norms, dots = {}, {}
         for k, (total, total_sq, sq_norm, dot) in zip(names, parts):
+            if self.block_sums is not None:
+                self.block_sums[k].append(total.reshape(-1).float().clone())
             self.sum[k] += total.double().view_as(self.sum[k])
             self.sumsq[k] += total_sq.double().view_as(self.sumsq[k])
             sq_norms[k], dots[k] = sq_norm.double(), dot.double()
@@ -186,6 +197,7 @@ class _Moments:
             self.sq_dev[group].append(sum(sq_norms[k] for k in members))
             self.dot_ref[group].append(sum(dots[k] for k in members))
         self.count += n
+        self.block_counts.append(n)
 
 
 def _chunk_moments(grads: list[torch.Tensor], references: list[torch.Tensor]
@@ -268,7 +280,51 @@ def _summary(m: _Moments, oracle: dict[str, torch.Tensor], num_bootstrap: int,
             "cosine_ci": _interval(cosine_b),
             "_trace_boot": trace_b,  # removed before returning; used for ratio intervals
         }
+        if m.block_sums is not None:
+            out[group].update(_bias(m, names, ref, trace, boot_generator=generator,
+                                    num_bootstrap=num_bootstrap))
     return out
+
+
+def _bias(m: _Moments, names: list[str], ref: torch.Tensor, trace: float,
+          boot_generator: torch.Generator, num_bootstrap: int) -> dict[str, Any]:
+    """Distance of the mean gradient to an exact reference, with block-bootstrap intervals.
+
+    ``relative_error`` = ||mean - g|| / ||g|| (interval: basic bootstrap of its square);
+    ``noise_floor`` = sqrt(tr Cov / R) / ||g||, the
+    value an unbiased estimator shows from its own noise; ``relative_bias`` = sqrt(max(||mean -
+    g||^2 - tr Cov / R, 0)) / ||g||, the bias with that noise subtracted; ``cosine`` between mean
+    and g. Intervals resample the chunks of draws (independent blocks) with replacement, from
+    their Gram matrix, so no per-draw gradient is kept.
+    """
+    sums = torch.cat([torch.stack(m.block_sums[k]).double() for k in names], 1)  # (M, P)
+    counts = torch.tensor(m.block_counts, dtype=torch.float64)
+    gram = sums @ sums.T
+    dots = sums @ ref
+    ref2 = float(ref @ ref)
+    r = m.count
+    shift2 = float(sums.sum(0).pow(2).sum()) / r ** 2
+    blocks = len(counts)
+    picks = torch.randint(0, blocks, (num_bootstrap, blocks), generator=boot_generator)
+    weights = torch.zeros(num_bootstrap, blocks, dtype=torch.float64).scatter_add_(
+        1, picks, torch.ones_like(picks, dtype=torch.float64))
+    n_b = weights @ counts
+    shift2_b = ((weights @ gram) * weights).sum(1) / n_b ** 2
+    dot_b = (weights @ dots) / n_b
+    norm_ref = max(ref2 ** 0.5, 1e-300)
+    # basic (reflected) bootstrap on the squared distance: a resampled mean sits farther
+    # from the reference than the mean does (by its own noise), so percentiles of the
+    # resampled distances alone would be shifted up
+    lo2, hi2 = _interval(shift2_b)
+    rel_interval = [max(2 * shift2 - hi2, 0.0) ** 0.5 / norm_ref,
+                    max(2 * shift2 - lo2, 0.0) ** 0.5 / norm_ref]
+    cos_b = (ref2 + dot_b) / ((ref2 + 2 * dot_b + shift2_b).clamp_min(1e-300).sqrt() * norm_ref)
+    return {"relative_error": shift2 ** 0.5 / norm_ref,
+            "relative_error_ci": rel_interval,
+            "noise_floor": (trace / r) ** 0.5 / norm_ref,
+            "relative_bias": max(shift2 - trace / r, 0.0) ** 0.5 / norm_ref,
+            "cosine_ci": _interval(cos_b),
+            "exact_norm": norm_ref}
 
 
 def _interval(samples: torch.Tensor, level: float = 0.95) -> list[float]:
@@ -278,23 +334,6 @@ def _interval(samples: torch.Tensor, level: float = 0.95) -> list[float]:
 
 
 # -- drawing gradients ----------------------------------------------------------------------------
-class _Bound(nn.Module):
-    """``fn(vae, *args)`` as a module, so ``functional_call`` swaps *every* use of a parameter.
-
-    A prior may use the encoder (the VampPrior evaluates q(z|u_k) at its pseudo-inputs); calling
-    the prior's own ``functional_call`` would leave that path on the real, unswapped encoder and
-    silently drop the encoder gradient that flows through log p(z).
-    """
-
-    def __init__(self, vae: VAE, fn: Callable[..., torch.Tensor]):
-        super().__init__()
-        self.vae = vae
-        self.fn = fn
-
-    def forward(self, *args: Any) -> torch.Tensor:
-        return self.fn(self.vae, *args)
-
-
 def _draw_of(vae: VAE, estimator: Estimator, x: torch.Tensor, q: Any, eps: torch.Tensor,
              baseline: torch.Tensor | None) -> torch.Tensor:
     draw = Draw(x, q, eps, vae.decoder, vae.prior(), baseline)
@@ -358,13 +397,16 @@ def _split_per_draw(vae: VAE, estimator: Estimator, x: torch.Tensor,
 
 
 def _pyro_draws(vae: VAE, estimator: Estimator, x: torch.Tensor, params: dict[str, Any],
-                num_draws: int, num_particles: int, baseline: torch.Tensor | None):
+                num_draws: int, num_particles: int, baseline: torch.Tensor | None,
+                relaxation: tuple[float, str] = (1.0, "discrete")):
     """Yield gradients of R draws from Pyro's own ELBO, one ``loss_and_grads`` per draw: the
-    definition every faster path is held to."""
+    definition every faster path is held to. ``relaxation``: the temperature and relaxed
+    density of the relaxed estimators."""
     from ..config import Config
 
     cfg = Config()
     cfg.train.num_particles = num_particles
+    cfg.train.temperature, cfg.train.relaxed_density = relaxation
     elbo = estimator.make_elbo(cfg)
     old_estimator = vae.estimator
     vae.estimator = estimator
@@ -402,17 +444,23 @@ def _normal_guide_problem(vae: VAE, x: torch.Tensor) -> str | None:
 
 def _probe(draw: Any, vae: VAE, estimator: Estimator, x: torch.Tensor,
            params: dict[str, torch.Tensor], num_particles: int,
-           baseline: torch.Tensor | None) -> str | None:
+           baseline: torch.Tensor | None, noise: Callable[[], torch.Tensor] | None = None,
+           relaxation: tuple[float, str] = (1.0, "discrete")) -> str | None:
     """Compare one draw of an accelerated path (``draw(eps)``) with Pyro's on the same noise:
-    why they differ, or None. The global RNG is left as it was."""
-    latent_dim = vae.prior().event_shape[0]
+    why they differ, or None. The global RNG is left as it was. ``noise()`` draws one draw's
+    noise as the guide would (default: standard normal, for a Gaussian code)."""
     # both sides in float32: the probe checks the kernel's structure, not a precision
     with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []), \
             torch.autocast(x.device.type, enabled=False):
         torch.manual_seed(PROBE_SEED)
-        want = next(iter(_pyro_draws(vae, estimator, x, params, 1, num_particles, baseline)))
+        want = next(iter(_pyro_draws(vae, estimator, x, params, 1, num_particles, baseline,
+                                     relaxation)))
         torch.manual_seed(PROBE_SEED)  # the guide's rsample draws exactly this noise
-        eps = torch.randn(1, num_particles, x.shape[0], latent_dim, device=x.device)
+        if noise is None:
+            latent_dim = vae.prior().event_shape[0]
+            eps = torch.randn(1, num_particles, x.shape[0], latent_dim, device=x.device)
+        else:
+            eps = noise()
         try:
             got = draw(eps)
         except Exception as e:  # noqa: BLE001 - a kernel that cannot run here is not used
@@ -430,9 +478,40 @@ def _probe(draw: Any, vae: VAE, estimator: Estimator, x: torch.Tensor,
     return None
 
 
+def _choose_discrete(vae: VAE, estimator: Estimator, x: torch.Tensor, num_particles: int,
+                     baseline: torch.Tensor | None, method: str, what: str,
+                     params: dict[str, torch.Tensor], relaxation: tuple[float, str]
+                     ) -> PathChoice:
+    """The ``func`` path for a discrete code (:mod:`pyro_vae.lab.discrete`), held to Pyro on a
+    probe draw; ``hand`` never applies (it writes out a diagonal-Normal guide)."""
+    with torch.no_grad():
+        kind = type(_unwrap(vae.encoder(x[:1]))[0]).__name__
+    reason = f"hand: the guide's code is discrete ({kind}), not diagonal Normal"
+    if method == "hand":
+        raise ConfigError(f"method hand: {reason}")
+    if estimator.draw_loss is None:
+        problem = "the estimator has no draw_loss"
+    elif _prior_uses_encoder(vae):
+        problem = "the prior uses the encoder"
+    else:
+        detached = {k: p.detach() for k, p in params.items()}
+        with _no_validation():
+            func = discrete_draws(vae, estimator, x, baseline, detached, *relaxation)
+            problem = _probe(func, vae, estimator, x, params, num_particles, baseline,
+                             noise=lambda: discrete_noise(vae, estimator, x, 1, num_particles),
+                             relaxation=relaxation)
+    if problem is None:
+        return record(PathChoice(what, "func", "discrete code: vmap over codes or Concrete "
+                                 "noise, shared encoder pass; a probe draw equals Pyro's"))
+    if method == "func":
+        raise ConfigError(f"method func: {problem}")
+    return record(PathChoice(what, GENERIC, f"{reason}; func: {problem}"))
+
+
 def choose_draws(vae: VAE, estimator: Estimator, x: torch.Tensor, num_particles: int,
                  baseline: torch.Tensor | None, method: str = "auto",
-                 what: str | None = None) -> PathChoice:
+                 what: str | None = None, relaxation: tuple[float, str] = (1.0, "discrete")
+                 ) -> PathChoice:
     """Which path computes the estimator's gradient draws at this checkpoint, and why.
 
     ``hand`` (:class:`~pyro_vae.inference.accelerators.MLPGradients`) where the program has the
@@ -444,6 +523,9 @@ def choose_draws(vae: VAE, estimator: Estimator, x: torch.Tensor, num_particles:
     params = measured_parameters(vae)
     if method == "pyro":
         return record(PathChoice(what, GENERIC, "asked for (method pyro)"))
+    if discrete_code(vae, x):
+        return _choose_discrete(vae, estimator, x, num_particles, baseline, method, what,
+                                params, relaxation)
     reasons = []
     if method in ("auto", "hand"):
         reason = unsupported_reason(vae, estimator)
@@ -492,7 +574,8 @@ def gradient_draws(vae: VAE, estimator: Estimator | str, x: torch.Tensor, num_dr
                    num_particles: int = 1, chunk_size: int = 25, train_scale: float = 1.0,
                    vectorized: bool = True, shared_encoder: bool = True,
                    method: str = "auto", precision: str = "float32",
-                   paths: list[PathChoice] | None = None):
+                   paths: list[PathChoice] | None = None,
+                   relaxation: tuple[float, str] = (1.0, "discrete")):
     """Yield dicts ``{param name: (n, *shape) gradients}`` of ``num_draws`` independent draws.
 
     Every draw is defined by Pyro's ``loss_and_grads`` on ``vae.model`` and the estimator's
@@ -523,11 +606,21 @@ def gradient_draws(vae: VAE, estimator: Estimator | str, x: torch.Tensor, num_dr
     if method not in ("auto", "hand", "func", "pyro"):
         raise ConfigError(f"unknown method {method!r}; choose from auto, hand, func, pyro")
     choice = choose_draws(vae, estimator, x, num_particles, baseline,
-                          "pyro" if not vectorized else method)
+                          "pyro" if not vectorized else method, relaxation=relaxation)
     if paths is not None:
         paths.append(choice)
     if choice.path == GENERIC:
-        yield from _pyro_draws(vae, estimator, x, params, num_draws, num_particles, baseline)
+        yield from _pyro_draws(vae, estimator, x, params, num_draws, num_particles, baseline,
+                               relaxation)
+        return
+    if discrete_code(vae, x):
+        detached = {k: p.detach() for k, p in params.items()}
+        with _no_validation():
+            per_draw = discrete_draws(vae, estimator, x, baseline, detached, *relaxation)
+        for n in _chunks(num_draws, chunk_size):
+            noise = discrete_noise(vae, estimator, x, n, num_particles)
+            with _no_validation():
+                yield per_draw(noise)
         return
     latent_dim = vae.prior().event_shape[0]
     if choice.path == "hand":
@@ -615,7 +708,8 @@ def measure_gradient_variance(vae: VAE, x: torch.Tensor, estimators: Sequence[st
                               num_particles: int = 1, num_bootstrap: int = 200,
                               chunk_size: int = 25, train_scale: float = 1.0, seed: int = 0,
                               vectorized: bool = True, precision: str = "float32",
-                              compile: bool | None = None) -> dict[str, Any]:
+                              compile: bool | None = None, temperature: float = 1.0,
+                              relaxed_density: str = "discrete") -> dict[str, Any]:
     """Gradient mean/variance statistics of each estimator at the VAE's current parameters.
 
     Nothing is trained and nothing is written: parameters, gradients, Pyro's param store (the
@@ -639,6 +733,8 @@ def measure_gradient_variance(vae: VAE, x: torch.Tensor, estimators: Sequence[st
             bfloat16 (see :class:`~pyro_vae.inference.accelerators.MLPGradients`; autocast on the
             ``func`` path). Per-draw gradients then differ from float32 by 0.1-0.4%, which
             changes the variances by far less than their intervals (tested).
+        temperature, relaxed_density: the relaxation of the relaxed estimators
+            (gumbel-softmax, straight-through).
         compile: accumulate the per-parameter moments with a torch.compile'd kernel (one
             pass over each chunk instead of six; compiling takes seconds, cached on disk
             afterwards). None: when num_draws x parameters exceeds 10^8. Falls back to eager
@@ -654,11 +750,25 @@ def measure_gradient_variance(vae: VAE, x: torch.Tensor, estimators: Sequence[st
         raise ConfigError(f"oracle_draws must be >= 1, got {oracle_draws}")
     if precision not in PRECISIONS:
         raise ConfigError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
-    names = list(dict.fromkeys(["reparam", *estimators]))
+    discrete = discrete_code(vae, x)
+    # ratios are relative to reparam for a continuous code, to score (or the first) for a
+    # discrete one, which no reparametrized estimator applies to
+    if discrete:
+        names = list(dict.fromkeys(estimators))
+        reference = "score" if "score" in names else names[0]
+    else:
+        names = list(dict.fromkeys(["reparam", *estimators]))
+        reference = "reparam"
+    relaxation = (temperature, relaxed_density)
     for name in names:
         if name not in ESTIMATORS:
             raise ConfigError(f"unknown estimator {name!r}; choose from "
                               f"{', '.join(ESTIMATORS)}")
+        if not ESTIMATORS[name].applies_to(discrete=discrete):
+            kind = "discrete" if discrete else "continuous"
+            fitting = ", ".join(n for n, e in ESTIMATORS.items() if e.applies_to(discrete))
+            raise ConfigError(f"estimator {name} does not apply to the {kind} code of this "
+                              f"model; choose from {fitting}")
     results: dict[str, Any] = {}
     if compile is None:
         compile = num_draws * sum(p.numel() for p in measured_parameters(vae).values()) > 1e8
@@ -670,19 +780,25 @@ def measure_gradient_variance(vae: VAE, x: torch.Tensor, estimators: Sequence[st
         start = time.perf_counter()
         paths: list[PathChoice] = []
         with torch.enable_grad():
-            oracle = oracle_gradient(vae, x, oracle_draws, precision=precision, paths=paths)
+            if discrete:  # the exact gradient: every estimator's bias is measurable
+                oracle = exact_gradient(vae, x, measured_parameters(vae))
+                paths.append(record(PathChoice("oracle", "exact", "sum over every code "
+                                               "(ExactELBO), exact gradient")))
+            else:
+                oracle = oracle_gradient(vae, x, oracle_draws, precision=precision,
+                                         paths=paths)
         oracle_seconds = time.perf_counter() - start
         groups = parameter_groups(list(oracle))
         boots: dict[str, dict[str, torch.Tensor]] = {}
         for name in names:
             est = ESTIMATORS[name]
-            moments = _Moments(oracle, groups)
+            moments = _Moments(oracle, groups, blocks=discrete)
             seconds, start = 0.0, time.perf_counter()
             with torch.enable_grad(), PRECISIONS[precision](x.device.type):
                 draws = gradient_draws(vae, est, x, num_draws, num_particles=num_particles,
                                        chunk_size=chunk_size, train_scale=train_scale,
                                        vectorized=vectorized, precision=precision,
-                                       paths=paths)
+                                       paths=paths, relaxation=relaxation)
                 for g in draws:
                     seconds += time.perf_counter() - start
                     g = {k: v.detach() for k, v in g.items()}
@@ -697,18 +813,21 @@ def measure_gradient_variance(vae: VAE, x: torch.Tensor, estimators: Sequence[st
                     start = time.perf_counter()
             stats = _summary(moments, oracle, num_bootstrap, generator)
             boots[name] = {grp: s.pop("_trace_boot") for grp, s in stats.items()}
+            for s in stats.values():  # variance at equal cost: per second of drawing
+                s["cost_adjusted_variance"] = s["trace"] * seconds / num_draws
             results[name] = {"groups": stats, "seconds_per_draw": seconds / num_draws,
                              "num_particles": max(num_particles, est.min_particles),
                              "score_function": est.score_function, "path": paths[-1].path}
         for name in names:
             for grp, s in results[name]["groups"].items():
-                ref = results["reparam"]["groups"][grp]["trace"]
+                ref = results[reference]["groups"][grp]["trace"]
                 s["ratio_to_reparam"] = s["trace"] / max(ref, 1e-300)
                 s["ratio_to_reparam_ci"] = _interval(boots[name][grp]
-                                                     / boots["reparam"][grp].clamp_min(1e-300))
+                                                     / boots[reference][grp].clamp_min(1e-300))
     return {"estimators": results, "num_draws": num_draws, "oracle_draws": oracle_draws,
             "oracle_seconds": oracle_seconds, "compile_seconds": compile_seconds,
-            "batch_size": int(x.shape[0]),
+            "batch_size": int(x.shape[0]), "ratio_reference": reference,
+            "oracle": "exact" if discrete else "reparametrized",
             "groups": {g: len(v) for g, v in groups.items()},
             "paths": [p.as_dict() for p in paths]}
 

@@ -10,8 +10,9 @@ from ..models.vae import VAE
 
 @torch.no_grad()
 def latent_activity(vae: VAE, x: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
-    """Cov_x(E_q[z_d | x]) for each latent dimension d, ``(latent_dim,)``."""
-    means = torch.cat([vae.encoder(xb).mean for xb in x.split(batch_size)])
+    """Cov_x(E_q[z_d | x]) for each latent dimension d, ``(latent_dim,)`` (for one-hot groups,
+    each group's categories in turn: ``(latent_dim * categories,)``)."""
+    means = torch.cat([vae.encoder(xb).mean.flatten(1) for xb in x.split(batch_size)])
     return means.var(0, unbiased=False)
 
 
@@ -47,7 +48,8 @@ def interpolate(vae: VAE, x_a: torch.Tensor, x_b: torch.Tensor, steps: int) -> t
     """Decoder means along the straight line between the encoder means of each pair,
     ``(pairs, steps, num_pixels)``, endpoints included."""
     za, zb = vae.encoder(x_a).mean, vae.encoder(x_b).mean
-    t = torch.linspace(0, 1, steps, device=za.device).view(1, -1, 1)
+    # a code with more event dims (one-hot groups: probabilities per group) mixes entrywise
+    t = torch.linspace(0, 1, steps, device=za.device).view(1, -1, *([1] * (za.dim() - 1)))
     z = za.unsqueeze(1) * (1 - t) + zb.unsqueeze(1) * t
     return vae.decoder(z).mean
 

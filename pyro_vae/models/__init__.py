@@ -3,7 +3,14 @@
 Imports only :mod:`pyro_vae.config`, :mod:`pyro_vae.errors` and :mod:`pyro_vae.registry`.
 """
 
-from .encoders import DiagonalLaplace, DiagonalNormal, GuideFamily, build_guide_family
+from .encoders import (
+    BernoulliCode,
+    CategoricalCode,
+    DiagonalLaplace,
+    DiagonalNormal,
+    GuideFamily,
+    build_guide_family,
+)
 from .likelihoods import (
     BernoulliLikelihood,
     ContinuousBernoulliLikelihood,
@@ -12,6 +19,8 @@ from .likelihoods import (
 )
 from .networks import ConvDecoder, ConvEncoder, Decoder, Encoder, build_networks
 from .priors import (
+    DiscreteLearnedPrior,
+    DiscreteUniformPrior,
     FlowPrior,
     LearnedGaussianPrior,
     MixturePrior,
@@ -29,4 +38,5 @@ __all__ = [
     "Encoder", "Decoder", "ConvEncoder", "ConvDecoder", "build_networks",
     "Prior", "StandardNormalPrior", "LearnedGaussianPrior", "MixturePrior", "VampPrior",
     "FlowPrior", "StudentTPrior", "build_prior", "VAE",
+    "BernoulliCode", "CategoricalCode", "DiscreteUniformPrior", "DiscreteLearnedPrior",
 ]

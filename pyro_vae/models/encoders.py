@@ -31,7 +31,7 @@ from ..registry import ENCODERS
 from .layers import positive_scale
 
 if TYPE_CHECKING:
-    from ..config import Config
+    from ..config import Config, ModelConfig
 
 
 class GuideFamily(nn.Module):
@@ -47,13 +47,23 @@ class GuideFamily(nn.Module):
       any family whose ``log_prob`` is differentiable in its parameters.
 
     It may also override :meth:`check_config` to refuse settings it cannot work with. The
-    family may hold parameters of its own (they train with the encoder).
+    family may hold parameters of its own (they train with the encoder). A family of discrete
+    codes sets :attr:`latent_kinds` (the ``model.latent`` values it makes) and, when it needs
+    more of the config than ``latent_dim``, overrides :meth:`from_config`.
     """
+
+    #: The kinds of code (``model.latent``) this family makes.
+    latent_kinds: tuple[str, ...] = ("gaussian",)
 
     def __init__(self, latent_dim: int):
         super().__init__()
         self.latent_dim = latent_dim
         self.num_features = 2 * latent_dim
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig) -> GuideFamily:
+        """The family for ``cfg`` (default: ``cls(cfg.latent_dim)``)."""
+        return cls(cfg.latent_dim)
 
     def forward(self, h: torch.Tensor) -> dist.Distribution:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -81,12 +91,57 @@ class DiagonalLaplace(GuideFamily):
         return dist.Laplace(loc, positive_scale(raw_scale)).to_event(1)
 
 
+class BernoulliCode(GuideFamily):
+    """q(z|x) = prod_j Bernoulli(z_j; sigmoid(logit_j)): a code of ``latent_dim`` binary units.
+
+    Not reparametrizable (``has_rsample`` is False), so Pyro's ELBOs give its parameters
+    score-function gradients; the relaxed estimators replace it by its Concrete relaxation
+    during training only (docs/discrete.md).
+    """
+
+    latent_kinds = ("bernoulli",)
+
+    def __init__(self, latent_dim: int):
+        super().__init__(latent_dim)
+        self.num_features = latent_dim
+
+    def forward(self, h: torch.Tensor) -> dist.Distribution:
+        return dist.Bernoulli(logits=h).to_event(1)
+
+
+class CategoricalCode(GuideFamily):
+    """q(z|x) = prod_j OneHotCategorical(z_j; softmax(logits_j)): ``latent_dim`` one-hot groups
+    of ``categories`` each, event shape ``(latent_dim, categories)``."""
+
+    latent_kinds = ("categorical",)
+
+    def __init__(self, latent_dim: int, categories: int = 10):
+        super().__init__(latent_dim)
+        self.categories = categories
+        self.num_features = latent_dim * categories
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig) -> GuideFamily:
+        return cls(cfg.latent_dim, cfg.categories)
+
+    def forward(self, h: torch.Tensor) -> dist.Distribution:
+        logits = h.reshape(*h.shape[:-1], self.latent_dim, self.categories)
+        return dist.OneHotCategorical(logits=logits).to_event(1)
+
+
 ENCODERS.update({
     "diagonal-normal": DiagonalNormal,
     "laplace": DiagonalLaplace,
+    "bernoulli": BernoulliCode,
+    "categorical": CategoricalCode,
 })
 
 
-def build_guide_family(name: str, latent_dim: int) -> GuideFamily:
-    """The family that ``name`` names in :data:`ENCODERS` (ConfigError when unknown)."""
-    return ENCODERS.get_or_raise(name)(latent_dim)
+def build_guide_family(name: str, cfg: ModelConfig | int) -> GuideFamily:
+    """The family that ``name`` names in :data:`ENCODERS` (ConfigError when unknown), built for
+    the model config ``cfg`` (or, for a family that needs no more, a latent dimension)."""
+    cls = ENCODERS.get_or_raise(name)
+    if isinstance(cfg, int):
+        return cls(cfg)
+    from_config = getattr(cls, "from_config", None)
+    return from_config(cfg) if from_config is not None else cls(cfg.latent_dim)

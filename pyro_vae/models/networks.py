@@ -43,17 +43,28 @@ class Encoder(nn.Module):
         return self.family(self.head(self.body(x)))
 
 
+def flatten_code(z: torch.Tensor, code_dims: int) -> torch.Tensor:
+    """A code with ``code_dims`` event dimensions (2 for one-hot groups ``(d, K)``) as one
+    vector of ``d * K`` inputs per image; a vector code is returned as it is."""
+    return z if code_dims == 1 else z.reshape(*z.shape[:-code_dims], -1)
+
+
 class Decoder(nn.Module):
-    """p(x|z): an MLP from z to one output per pixel, read by a :class:`Likelihood`."""
+    """p(x|z): an MLP from z to one output per pixel, read by a :class:`Likelihood`.
+
+    ``latent_dim`` is the number of network inputs; a code with ``code_dims = 2`` event
+    dimensions (one-hot groups) is flattened into them.
+    """
 
     def __init__(self, latent_dim: int, hidden_dims: list[int], num_pixels: int,
-                 activation: str, likelihood: Likelihood):
+                 activation: str, likelihood: Likelihood, code_dims: int = 1):
         super().__init__()
         self.net = mlp([latent_dim, *reversed(hidden_dims), num_pixels], activation)
         self.likelihood = likelihood
+        self.code_dims = code_dims
 
     def forward(self, z: torch.Tensor) -> dist.Distribution:
-        return self.likelihood(self.net(z))
+        return self.likelihood(self.net(flatten_code(z, self.code_dims)))
 
 
 class ConvEncoder(nn.Module):
@@ -84,8 +95,10 @@ class ConvDecoder(nn.Module):
     """p(x|z) for images: a dense layer, then two stride-2 transposed convolutions."""
 
     def __init__(self, latent_dim: int, hidden_dim: int, image_shape: tuple[int, int, int],
-                 activation: str, likelihood: Likelihood, channels: tuple[int, int] = (32, 64)):
+                 activation: str, likelihood: Likelihood, channels: tuple[int, int] = (32, 64),
+                 code_dims: int = 1):
         super().__init__()
+        self.code_dims = code_dims
         c, h, w = image_shape
         act = ACTIVATIONS[activation]
         self.dense = nn.Sequential(nn.Linear(latent_dim, hidden_dim), act(),
@@ -97,6 +110,7 @@ class ConvDecoder(nn.Module):
         self.likelihood = likelihood
 
     def forward(self, z: torch.Tensor) -> dist.Distribution:
+        z = flatten_code(z, self.code_dims)
         batch = z.shape[:-1]
         out = self.deconv(self.dense(z).reshape(-1, *self.grid))
         return self.likelihood(out.reshape(*batch, -1))
@@ -107,11 +121,16 @@ def build_networks(cfg: ModelConfig, image_shape: tuple[int, int, int]
     """The (encoder, decoder) pair that ``cfg`` describes, for images of ``image_shape``."""
     num_pixels = math.prod(image_shape)
     likelihood = LIKELIHOODS.get_or_raise(cfg.likelihood)(cfg, num_pixels)
-    family = build_guide_family(cfg.encoder, cfg.latent_dim)
+    family = build_guide_family(cfg.encoder, cfg)
+    # a categorical code is latent_dim one-hot groups: latent_dim * categories decoder inputs
+    categorical = getattr(cfg, "latent", "gaussian") == "categorical"
+    code_size = cfg.latent_dim * (cfg.categories if categorical else 1)
+    code_dims = 2 if categorical else 1
     if cfg.arch == "conv":
         return (ConvEncoder(image_shape, cfg.hidden_dims[0], cfg.latent_dim, cfg.activation,
                             family=family),
-                ConvDecoder(cfg.latent_dim, cfg.hidden_dims[0], image_shape, cfg.activation,
-                            likelihood))
+                ConvDecoder(code_size, cfg.hidden_dims[0], image_shape, cfg.activation,
+                            likelihood, code_dims=code_dims))
     return (Encoder(num_pixels, cfg.hidden_dims, cfg.latent_dim, cfg.activation, family=family),
-            Decoder(cfg.latent_dim, cfg.hidden_dims, num_pixels, cfg.activation, likelihood))
+            Decoder(code_size, cfg.hidden_dims, num_pixels, cfg.activation, likelihood,
+                    code_dims=code_dims))

@@ -48,6 +48,8 @@ class Prior(nn.Module):
     """
 
     closed_form_kl = False
+    #: The kinds of code (``model.latent``) this prior is a distribution over.
+    latent_kinds: tuple[str, ...] = ("gaussian",)
 
     def __init__(self, cfg: ModelConfig, encoder: nn.Module | None = None,
                  image_shape: tuple[int, ...] | None = None):
@@ -211,6 +213,48 @@ class StudentTPrior(Prior):
         return dist.StudentT(self.df, self.loc, self.scale).to_event(1)
 
 
+def _code_shape(cfg: ModelConfig) -> tuple[int, ...]:
+    """Shape of the logits of a discrete code: ``(d,)`` bits or ``(d, K)`` one-hot groups."""
+    if cfg.latent == "categorical":
+        return (cfg.latent_dim, cfg.categories)
+    return (cfg.latent_dim,)
+
+
+class DiscreteUniformPrior(Prior):
+    """p(z) uniform over the codes: each bit Bernoulli(1/2), or each one-hot group uniform over
+    its K categories (``model.latent``). log p(z) is the same constant for every code, so the
+    ELBO's prior term is -d log 2 (or -d log K)."""
+
+    latent_kinds = ("bernoulli", "categorical")
+
+    def __init__(self, cfg: ModelConfig, encoder: nn.Module | None = None,
+                 image_shape: tuple[int, ...] | None = None):
+        super().__init__(cfg, encoder, image_shape)
+        self.kind = cfg.latent
+        self.register_buffer("logits", torch.zeros(_code_shape(cfg)))
+
+    def forward(self) -> dist.Distribution:
+        return _discrete_of(self.kind, self.logits)
+
+
+class DiscreteLearnedPrior(DiscreteUniformPrior):
+    """p(z) with learnable logits per bit (or per group and category), independent units,
+    starting uniform. Trained by the ELBO's log p(z) term with pathwise gradients (z is a
+    sample, the logits are plain parameters)."""
+
+    def __init__(self, cfg: ModelConfig, encoder: nn.Module | None = None,
+                 image_shape: tuple[int, ...] | None = None):
+        super().__init__(cfg, encoder, image_shape)
+        del self.logits
+        self.logits = nn.Parameter(torch.zeros(_code_shape(cfg)))
+
+
+def _discrete_of(kind: str, logits: torch.Tensor) -> dist.Distribution:
+    if kind == "categorical":
+        return dist.OneHotCategorical(logits=logits).to_event(1)
+    return dist.Bernoulli(logits=logits).to_event(1)
+
+
 #: Prior name -> class (the registry lives in :mod:`pyro_vae.registry`). Add a prior with one
 #: entry.
 PRIORS.update({
@@ -220,6 +264,8 @@ PRIORS.update({
     "vamp": VampPrior,
     "flow": FlowPrior,
     "student-t": StudentTPrior,
+    "discrete-uniform": DiscreteUniformPrior,
+    "discrete-learned": DiscreteLearnedPrior,
 })
 
 

@@ -27,6 +27,14 @@ if TYPE_CHECKING:
     from ..config import Config
 
 
+def code_point(q: Any) -> torch.Tensor:
+    """One representative code of q(z|x): its mode when the support is discrete (bits or
+    one-hot groups), else its mean."""
+    if getattr(q.support, "is_discrete", False):
+        return q.mode
+    return q.mean
+
+
 class Estimator(Protocol):
     """What the guide needs of a gradient estimator (the registry's entries,
     :class:`pyro_vae.inference.estimators.Estimator`, provide it): the distribution z is sampled
@@ -110,8 +118,10 @@ class VAE(nn.Module):
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
-        """Mean of p(x | z = E_q[z]): the decoder's mean at the encoder's loc."""
-        return self.decoder(self.encoder(x).mean).mean
+        """Mean of p(x | z) at a point code of q(z|x): its mean E_q[z] for a continuous code,
+        its most probable code for a discrete one (the decoder was trained on codes, not on
+        their probabilities)."""
+        return self.decoder(code_point(self.encoder(x))).mean
 
     @torch.no_grad()
     def sample(self, num_samples: int, mean: bool = True) -> torch.Tensor:

@@ -385,8 +385,13 @@ class Trainer:
 
     def objective(self, first_step: int, last_step: int) -> str:
         """The name of the objective trained between two steps: ``elbo`` when it is the ELBO."""
-        if self.estimator.surrogate in ("importance-weighted", "doubly-reparametrized"):
+        if self.estimator.surrogate in ("importance-weighted", "doubly-reparametrized",
+                                        "multi-sample-score"):
             return f"iwae bound (K={self.cfg.train.num_particles})"
+        if self.estimator.surrogate == "relaxed":
+            return f"relaxed elbo (temperature {self.cfg.train.temperature:g}" + (
+                f" to {self.cfg.train.temperature_final:g})" if self.cfg.train.temperature_final
+                else ")")
         if self._program_scale is not None:
             return f"scaled objective ({self._program_scale} in the program)"
         low, high = self.kl_weight(first_step), self.kl_weight(last_step)
@@ -399,6 +404,9 @@ class Trainer:
         """One SVI step on minibatch ``x``; returns the loss, or None if it was skipped."""
         num_data = len(self.dataset.train)
         self.vae.kl_weight = self.kl_weight(self.global_step + 1)
+        if hasattr(self.elbo, "set_progress"):  # e.g. an annealed relaxation temperature
+            total = max(self.cfg.train.epochs * self.steps_per_epoch - 1, 1)
+            self.elbo.set_progress(self.global_step / total)
         try:
             loss = self._loss_and_grads(x, num_data)
         except ValueError as e:

@@ -1,0 +1,147 @@
+"""The variance lab for discrete codes: the exact gradient as oracle, and vectorized draws.
+
+A code of at most :data:`~pyro_vae.inference.discrete.MAX_EXACT_CODES` values has an exact ELBO
+gradient (:class:`~pyro_vae.inference.discrete.ExactELBO`, a sum over the code table), so every
+estimator's mean gradient can be compared with the truth: its bias, not only its variance.
+
+The draws of the discrete estimators are vectorized the way the Gaussian ones are
+(:func:`pyro_vae.lab.variance._split_per_draw`): the encoder's forward pass and its
+vector-Jacobian product are shared by all draws and pulled back from the cotangents at the
+logits of q(z|x); decoder and prior are differentiated per draw with ``vmap(grad(...))``. The
+noise of a draw is what Pyro's guide would sample: the codes themselves for the score-function
+estimators (``q.sample()`` on q expanded to ``(draws, particles, batch)``: with one draw per
+chunk the same numbers as Pyro's), the uniforms of ``torch.rand`` for the relaxed ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.func import functional_call, grad, vjp, vmap
+
+from ..inference.discrete import ExactELBO, _unwrap, is_discrete
+from ..inference.estimators import Draw, Estimator
+from ..inference.program import param_scope
+from ..models.vae import VAE
+from ..registry import ESTIMATORS
+from .bound import Bound
+
+
+@torch.no_grad()
+def discrete_code(vae: VAE, x: torch.Tensor) -> bool:
+    """Whether the encoder's q(z|x) has a discrete support."""
+    return is_discrete(vae.encoder(x[:1]))
+
+
+def exact_gradient(vae: VAE, x: torch.Tensor, params: dict[str, torch.Tensor]
+                   ) -> dict[str, torch.Tensor]:
+    """The exact gradient of the per-image negative ELBO by summing over every code
+    (ExactELBO on the program, one backward pass per block of codes)."""
+    old, vae.estimator = vae.estimator, ESTIMATORS["exact"]
+    try:
+        with param_scope():
+            vae.zero_grad(set_to_none=True)
+            ExactELBO().loss_and_grads(vae.model, vae.guide, x)
+            return {k: (p.grad if p.grad is not None else torch.zeros_like(p)).detach().clone()
+                    / x.shape[0] for k, p in params.items()}
+    finally:
+        vae.estimator = old
+        vae.zero_grad(set_to_none=True)
+
+
+class _BinaryBernoulli:
+    """log p(x|z) of independent Bernoulli pixels at binary x: sum -softplus(sign * logits),
+    sign = 1 - 2x (the same number as ``Bernoulli(logits).log_prob(x).sum(-1)``)."""
+
+    def __init__(self, logits: torch.Tensor, sign: torch.Tensor):
+        self.logits, self.sign = logits, sign
+
+    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        return -torch.nn.functional.softplus(self.sign * self.logits).sum(-1)
+
+
+def _fast_bernoulli_decoder(vae: VAE, x: torch.Tensor) -> Callable | None:
+    """``(decoder, z) -> p(x|z)`` with :class:`_BinaryBernoulli` when the decoder returns
+    ``Independent(Bernoulli(logits), 1)`` and x is binary; None otherwise."""
+    with torch.no_grad():
+        probe = vae.decoder(torch.zeros(1, *vae.prior().event_shape, device=x.device))
+    base, ndims = _unwrap(probe)
+    if not isinstance(base, torch.distributions.Bernoulli) or \
+            type(base).log_prob is not torch.distributions.Bernoulli.log_prob:
+        return None
+    if ndims != 1 or not bool(((x == 0) | (x == 1)).all()) or "logits" not in vars(base):
+        return None
+    sign = 1.0 - 2.0 * x
+
+    def decode(decoder: Any, z: torch.Tensor) -> _BinaryBernoulli:
+        return _BinaryBernoulli(_unwrap(decoder(z))[0].logits, sign)
+
+    return decode
+
+
+def discrete_noise(vae: VAE, estimator: Estimator, x: torch.Tensor, draws: int,
+                   particles: int) -> torch.Tensor:
+    """The noise of ``draws`` draws, ``(draws, particles, batch, *event)``: codes sampled from
+    q(z|x) for the score-function estimators, uniforms for the relaxed ones."""
+    with torch.no_grad():
+        q = vae.encoder(x)
+        if estimator.surrogate == "relaxed":
+            return torch.rand(draws, particles, *q.batch_shape, *q.event_shape, device=x.device)
+        return q.expand(torch.Size((draws, particles, *q.batch_shape))).sample()
+
+
+def discrete_draws(vae: VAE, estimator: Estimator, x: torch.Tensor,
+                   baseline: torch.Tensor | None, params: dict[str, torch.Tensor],
+                   temperature: float = 1.0, relaxed_density: str = "discrete",
+                   fast_likelihood: bool = True
+                   ) -> Callable[[torch.Tensor], dict[str, torch.Tensor]]:
+    """``noise -> per-draw gradients`` of the estimator's ``draw_loss`` for a discrete code,
+    the encoder's forward pass shared by all draws (the prior must not use the encoder).
+
+    ``fast_likelihood``: where the decoder's p(x|z) is ``Bernoulli(logits).to_event(1)`` and x
+    is binary, its log-probability is computed as -softplus((1 - 2x) * logits) summed over
+    pixels (two fused element-wise passes instead of the dozen of the general binary cross-
+    entropy, which dominate a draw's time); the caller's probe against Pyro covers it.
+    """
+    enc = {k[len("encoder."):]: v for k, v in params.items() if k.startswith("encoder.")}
+    rest = {k: v for k, v in params.items() if not k.startswith("encoder.")}
+    with torch.no_grad():
+        template = vae.encoder(x)
+    base, ndims = _unwrap(template)
+
+    def encode(p: dict[str, torch.Tensor]) -> torch.Tensor:
+        return _unwrap(functional_call(vae.encoder, p, (x,)))[0].logits
+
+    # the shared encoder pass in float32 whatever autocast the draws run under: it is done
+    # once, and its logits feed every draw's densities
+    with torch.autocast(x.device.type, enabled=False):
+        logits, pull_back = vjp(encode, enc)
+
+    def make_q(logits: torch.Tensor) -> Any:
+        return type(base)(logits=logits, validate_args=False).to_event(ndims)
+
+    decoder = _fast_bernoulli_decoder(vae, x) if fast_likelihood else None
+
+    def draw_of(v: VAE, logits: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        dec = v.decoder if decoder is None else (lambda z: decoder(v.decoder, z))
+        draw = Draw(x, make_q(logits), noise, dec, v.prior(), baseline, discrete=True,
+                    temperature=temperature, relaxed_density=relaxed_density)
+        return estimator.draw_loss(draw)
+
+    bound = Bound(vae, draw_of)
+
+    def rest_loss(logits: torch.Tensor, p: dict[str, torch.Tensor], noise: torch.Tensor
+                  ) -> torch.Tensor:
+        return functional_call(bound, {f"vae.{k}": v for k, v in p.items()}, (logits, noise))
+
+    per_draw = vmap(grad(rest_loss, argnums=(0, 1)), in_dims=(None, None, 0),
+                    randomness="error")
+
+    def draws(noise: torch.Tensor) -> dict[str, torch.Tensor]:
+        g_logits, g_rest = per_draw(logits, rest, noise)
+        (g_enc,) = vmap(pull_back)(g_logits)
+        return {**{f"encoder.{k}": v for k, v in g_enc.items()}, **g_rest}
+
+    return draws

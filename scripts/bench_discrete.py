@@ -1,0 +1,94 @@
+"""Time the default discrete variance experiment against the plain per-draw loop.
+
+The experiment: a 10-bit Bernoulli code (784-128-10 networks), a reference run trained with
+straight-through and measured at 3 checkpoints on one minibatch of 256 digits, with the exact
+gradient (a sum over the 1,024 codes) as oracle and R = 1000 draws of each unbiased and relaxed
+estimator (score, score-avg-baseline, rloo, vimco, gumbel-softmax, straight-through), each at
+its smallest number of samples per image (1; 2 for rloo and vimco). The plain loop is one
+Pyro ``loss_and_grads`` per draw (the lab's reference path), timed on ``--loop-draws`` draws
+per estimator and scaled to the experiment's count. Usage::
+
+    python scripts/bench_discrete.py            # minutes on a shared 2-core CPU (docs/discrete.md)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+
+ESTIMATORS = ["score", "score-avg-baseline", "rloo", "vimco", "gumbel-softmax",
+              "straight-through"]
+
+
+def ms_per_draw(vae, name: str, x: torch.Tensor, draws: int, particles: int, **kw) -> float:
+    from pyro_vae.lab.variance import gradient_draws
+
+    start = time.perf_counter()
+    for _ in gradient_draws(vae, name, x, draws, num_particles=particles, **kw):
+        pass
+    return 1e3 * (time.perf_counter() - start) / draws
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--bits", type=int, default=10)
+    p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--draws", type=int, default=1000)
+    p.add_argument("--particles", type=int, default=1,
+                   help="samples per image per draw (rloo and vimco take at least 2)")
+    p.add_argument("--checkpoints", type=int, nargs="+", default=[0, 200, 1000])
+    p.add_argument("--loop-draws", type=int, default=20)
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    from pyro_vae import VAE, Config, load_dataset
+    from pyro_vae.config import DataConfig
+    from pyro_vae.lab.experiment import fixed_minibatch, variance_experiment
+
+    cfg = Config()
+    cfg.model.latent = "bernoulli"
+    cfg.model.latent_dim = args.bits
+    cfg.model.hidden_dims = [args.hidden]
+    cfg.train.estimator = "straight-through"
+    cfg.train.num_particles = args.particles
+    cfg.train.progress = False
+    cfg.validate()
+    dataset = load_dataset(DataConfig(dataset="mnist-5k"))
+    start = time.perf_counter()
+    exp = variance_experiment(cfg, dataset, ESTIMATORS, checkpoints=args.checkpoints,
+                              num_draws=args.draws, measure_batch=256)
+    total = time.perf_counter() - start
+    oracle = sum(m["oracle_seconds"] for m in exp["measurements"])
+    draws = sum(r["seconds_per_draw"] * exp["num_draws"]
+                for m in exp["measurements"] for r in m["estimators"].values())
+    train_s, measure_s = exp["timing"]["reference_training_s"], exp["timing"]["measurement_s"]
+    paths = sorted({f"{p['computation']}: {p['path']}" for m in exp["measurements"]
+                    for p in m["paths"]})
+    print(f"default discrete experiment ({args.bits}-bit code, 784-{args.hidden}-{args.bits}, "
+          f"{len(args.checkpoints)} checkpoints x {len(ESTIMATORS)} estimators x R = "
+          f"{args.draws}, batch 256, K = {args.particles}): {total:.1f} s in all = reference "
+          f"training {train_s:.1f} s + measurement {measure_s:.1f} s (exact oracle "
+          f"{oracle:.1f} s, gradient draws {draws:.1f} s, moments, bootstrap and probes "
+          f"{measure_s - oracle - draws:.1f} s)", flush=True)
+    print("paths: " + "; ".join(paths), flush=True)
+
+    vae = VAE.from_config(cfg, dataset.image_shape)
+    x = fixed_minibatch(dataset, cfg, 256)
+    n = len(args.checkpoints) * args.draws  # draws per estimator in the experiment
+    loop = {e: ms_per_draw(vae, e, x, args.loop_draws, args.particles, method="pyro")
+            for e in ESTIMATORS}  # gradient_draws raises the particles to each one's minimum
+    parts = ", ".join(f"{e} {ms:.1f}" for e, ms in loop.items())
+    loop_s = n * sum(loop.values()) / 1e3
+    print(f"plain loop (Pyro loss_and_grads per draw): {parts} ms/draw; the experiment's "
+          f"{len(ESTIMATORS) * n:,} draws: {loop_s:.0f} s", flush=True)
+    print(f"measurement vs the plain loop's draws alone: {measure_s:.1f} s vs {loop_s:.0f} s "
+          f"({loop_s / measure_s:.1f}x); whole experiment {total:.1f} s (target < 60 s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

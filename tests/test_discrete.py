@@ -1,0 +1,367 @@
+"""Discrete codes: estimators against the exact gradient, the relaxed estimators' bias, the
+accelerators' fallbacks, the lab's draws against Pyro's, and the commands end to end.
+
+The exact gradients here are computed independently of the package's ExactELBO: an explicit
+Python loop over every code, densities from the networks' own distributions.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+
+import pyro
+import pytest
+import torch
+
+from pyro_vae import VAE, Config
+from pyro_vae.app.cli import main
+from pyro_vae.registry import ESTIMATORS
+
+IMAGE = (1, 4, 4)
+
+
+def tiny_vae(latent: str = "bernoulli", estimator: str = "score", d: int = 3,
+             **train) -> tuple[Config, VAE]:
+    cfg = Config()
+    cfg.model.latent = latent
+    cfg.model.latent_dim = d
+    cfg.model.categories = 3
+    cfg.model.hidden_dims = [8]
+    cfg.train.estimator = estimator
+    for key, value in train.items():
+        setattr(cfg.train, key, value)
+    cfg.validate()
+    torch.manual_seed(1)
+    return cfg, VAE.from_config(cfg, IMAGE)
+
+
+def images(n: int = 6) -> torch.Tensor:
+    return (torch.rand(n, 16, generator=torch.Generator().manual_seed(0)) < 0.4).float()
+
+
+def model_params(vae: VAE) -> list[torch.Tensor]:
+    """Encoder, decoder and prior parameters (not an estimator's baseline network)."""
+    return [*vae.encoder.parameters(), *vae.decoder.parameters(), *vae.prior.parameters()]
+
+
+def flat_grads(vae: VAE) -> torch.Tensor:
+    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+                      for p in model_params(vae)])
+
+
+def all_codes(q) -> list[torch.Tensor]:
+    """Every code of q's event, by an explicit product (independent of code_table)."""
+    shape = q.event_shape
+    if len(shape) == 1:
+        return [torch.tensor(bits, dtype=torch.float32)
+                for bits in itertools.product([0.0, 1.0], repeat=shape[0])]
+    d, k = shape
+    eye = torch.eye(k)
+    return [eye[list(idx)] for idx in itertools.product(range(k), repeat=d)]
+
+
+def exact_elbo_gradient(vae: VAE, x: torch.Tensor) -> torch.Tensor:
+    """d(-ELBO per image)/d params by a loop over all codes."""
+    q = vae.encoder(x)
+    total = 0.0
+    for code in all_codes(q):
+        z = code.expand(x.shape[0], *code.shape)
+        log_q = q.log_prob(z)
+        log_p = vae.prior().log_prob(z) + vae.decoder(z).log_prob(x)
+        total = total + (log_q.exp() * (log_p - log_q)).sum()
+    params = model_params(vae)
+    grads = torch.autograd.grad(-total / x.shape[0], params, allow_unused=True)
+    return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
+                      for g, p in zip(grads, params)])
+
+
+def exact_bound_gradient(vae: VAE, x: torch.Tensor, k: int) -> torch.Tensor:
+    """d(-L_K per image)/d params, L_K = E log (1/K) sum_k w_k, by a loop over K-tuples."""
+    q = vae.encoder(x)
+    codes = all_codes(q)
+    log_w, log_q = [], []
+    for code in codes:
+        z = code.expand(x.shape[0], *code.shape)
+        lq = q.log_prob(z)
+        log_q.append(lq)
+        log_w.append(vae.prior().log_prob(z) + vae.decoder(z).log_prob(x) - lq)
+    total = 0.0
+    for combo in itertools.product(range(len(codes)), repeat=k):
+        weight = sum(log_q[i] for i in combo).exp()
+        bound = torch.logsumexp(torch.stack([log_w[i] for i in combo]), 0) - math.log(k)
+        total = total + (weight * bound).sum()
+    params = model_params(vae)
+    grads = torch.autograd.grad(-total / x.shape[0], params, allow_unused=True)
+    return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
+                      for g, p in zip(grads, params)])
+
+
+def mean_gradient(cfg: Config, vae: VAE, x: torch.Tensor, calls: int = 25,
+                  copies: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and standard error of Pyro's per-image gradient: each loss_and_grads sees the
+    minibatch repeated ``copies`` times (independent draws per copy), ``calls`` times."""
+    elbo = ESTIMATORS[cfg.train.estimator].make_elbo(cfg)
+    xs = x.repeat(copies, 1)
+    out = []
+    for _ in range(calls):
+        vae.zero_grad(set_to_none=True)
+        elbo.loss_and_grads(vae.model, vae.guide, xs)
+        out.append(flat_grads(vae) / xs.shape[0])
+    g = torch.stack(out)
+    return g.mean(0), g.std(0) / math.sqrt(calls)
+
+
+def encoder_slice(vae: VAE) -> slice:
+    return slice(0, sum(p.numel() for p in vae.encoder.parameters()))
+
+
+@pytest.mark.parametrize("latent", ["bernoulli", "categorical"])
+@pytest.mark.parametrize("estimator", ["score", "score-avg-baseline", "score-nn-baseline",
+                                       "rloo", "vimco"])
+def test_unbiased_estimators_match_the_enumerated_gradient(latent, estimator):
+    cfg, vae = tiny_vae(latent, estimator, num_particles=2 if estimator == "vimco" else 0)
+    x = images()
+    exact = exact_bound_gradient(vae, x, 2) if estimator == "vimco" \
+        else exact_elbo_gradient(vae, x)
+    mean, se = mean_gradient(cfg, vae, x, calls=40)
+    # encoder and decoder: the distance to the exact gradient is of the size of the noise of
+    # the mean (E ||mean - exact||^2 = sum of squared standard errors for an unbiased
+    # estimator; coordinates are correlated, so allow 3 times the noise, about chi^2_1 > 9)
+    for part in (encoder_slice(vae), slice(encoder_slice(vae).stop, None)):
+        distance2 = float(((mean - exact)[part] ** 2).sum())
+        noise2 = float((se[part] ** 2).sum())
+        assert distance2 < 9 * noise2, (distance2, noise2)
+
+
+@pytest.mark.parametrize("latent", ["bernoulli", "categorical"])
+def test_exact_estimator_equals_the_enumeration(latent):
+    cfg, vae = tiny_vae(latent, "exact", d=2)
+    x = images()
+    want = exact_elbo_gradient(vae, x)
+    vae.zero_grad(set_to_none=True)
+    loss = ESTIMATORS["exact"].make_elbo(cfg).loss_and_grads(vae.model, vae.guide, x)
+    assert torch.allclose(flat_grads(vae) / x.shape[0], want, rtol=1e-4, atol=1e-6)
+    with torch.no_grad():
+        q = vae.encoder(x)
+        elbo = sum((q.log_prob(c.expand(6, *c.shape)).exp()
+                    * (vae.prior().log_prob(c.expand(6, *c.shape))
+                       + vae.decoder(c.expand(6, *c.shape)).log_prob(x)
+                       - q.log_prob(c.expand(6, *c.shape)))).sum() for c in all_codes(q))
+    assert loss == pytest.approx(-float(elbo), rel=1e-5)
+
+
+def test_relaxed_bias_falls_with_the_temperature():
+    """Gumbel-softmax is biased at a high temperature, much less at a low one."""
+    x = images()
+    errors = {}
+    for temperature in (3.0, 0.2):
+        cfg, vae = tiny_vae("bernoulli", "gumbel-softmax", temperature=temperature)
+        exact = exact_elbo_gradient(vae, x)
+        mean, se = mean_gradient(cfg, vae, x, calls=10)
+        errors[temperature] = float((mean - exact).norm() / exact.norm())
+        noise = float(se.norm() / exact.norm())
+        if temperature == 3.0:
+            assert errors[temperature] > 10 * noise  # far outside the noise: biased
+    assert errors[0.2] < errors[3.0] / 4
+
+
+def test_concrete_scored_relaxation_keeps_its_bias():
+    """Scored by the Concrete densities, the KL term does not depend on the temperature, so the
+    bias against the discrete ELBO stays (docs/discrete.md)."""
+    x = images()
+    cfg, vae = tiny_vae("bernoulli", "gumbel-softmax", temperature=0.5,
+                        relaxed_density="concrete")
+    exact = exact_elbo_gradient(vae, x)
+    mean, se = mean_gradient(cfg, vae, x, calls=40)
+    assert float((mean - exact).norm()) > 5 * float(se.norm())
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--latent", "bernoulli"], "needs a reparametrizable q(z|x)"),
+    (["--latent", "bernoulli", "--estimator", "iwae"], "needs a reparametrizable q(z|x)"),
+    (["--latent", "categorical", "--estimator", "analytic-kl"], "has no rsample"),
+    (["--estimator", "gumbel-softmax"], "is for discrete codes"),
+    (["--estimator", "exact"], "is for discrete codes"),
+    (["--latent", "bernoulli", "--latent-dim", "20", "--estimator", "exact"],
+     "more than the 4096"),
+    (["--latent", "bernoulli", "--estimator", "score", "--prior", "vamp"],
+     "prior vamp makes a gaussian code"),
+    (["--encoder", "categorical", "--estimator", "score"], "use --latent categorical"),
+    (["--latent", "categorical", "--categories", "1", "--estimator", "score"], ">= 2"),
+])
+def test_wrong_combinations_are_one_line_and_exit_2(tmp_path, capsys, args, needle):
+    try:
+        code = main(["train", "--out", str(tmp_path / "run"), *args])
+    except SystemExit as e:
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2
+    assert needle in err and len(err.strip().splitlines()) == 1
+
+
+def _run(argv):
+    try:
+        return main(argv)
+    except SystemExit as e:
+        return e.code
+
+
+@pytest.mark.parametrize("latent, estimator", [("bernoulli", "gumbel-softmax"),
+                                               ("categorical", "rloo")])
+def test_commands_end_to_end(tmp_path, latent, estimator):
+    out = tmp_path / "run"
+    tiny = ["--hidden-dims", "32", "--latent-dim", "4", "--categories", "3",
+            "--train-limit", "256", "--batch-size", "64", "--no-progress", "--threads", "1"]
+    full = latent == "bernoulli"  # the figures and the other commands once
+    assert _run(["train", "--out", str(out), "--epochs", "2", "--latent", latent,
+                 "--estimator", estimator, *tiny, *([] if full else ["--no-figures"])]) == 0
+    metrics = [json.loads(s) for s in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(m["test_elbo"]) for m in metrics)
+    assert _run(["evaluate", str(out), "--num-samples", "8", "--limit", "16"]) == 0
+    result = json.loads((out / "evaluation.json").read_text())
+    assert result["log_likelihood"]["nats"] >= result["elbo"]["nats"] - 1.0
+    if full:
+        assert (out / "samples.png").is_file()
+        assert _run(["sample", str(out), "--num-pairs", "2", "--num-images", "4"]) == 0
+        assert _run(["score", str(out), "--limit", "8", "--num-samples", "8"]) == 0
+
+
+def test_reported_elbo_of_a_relaxed_run_is_the_discrete_elbo(tmp_path):
+    """Trained with gumbel-softmax, the run's test ELBO is the discrete model's: it equals the
+    exact sum over codes of the discrete guide and prior (computed here independently)."""
+    from pyro_vae import load_run
+    from pyro_vae.data import load_dataset, prepare_observations
+
+    out = tmp_path / "relaxed"
+    assert _run(["train", "--out", str(out), "--epochs", "1", "--latent", "bernoulli",
+                 "--latent-dim", "4", "--hidden-dims", "32", "--estimator", "gumbel-softmax",
+                 "--temperature", "5.0", "--train-limit", "256", "--batch-size", "64",
+                 "--no-progress", "--threads", "1", "--no-figures",
+                 "--binarize", "static"]) == 0
+    reported = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["test_elbo"]
+
+    cfg, vae, _ = load_run(out)
+    data = prepare_observations(load_dataset(cfg.data), cfg.data, seed=cfg.train.seed)
+    x = data.test.images
+    with torch.no_grad():
+        q = vae.encoder(x)
+        elbo = 0.0
+        for code in all_codes(q):
+            z = code.expand(x.shape[0], *code.shape)
+            log_q = q.log_prob(z)
+            elbo = elbo + log_q.exp() * (vae.prior().log_prob(z) + vae.decoder(z).log_prob(x)
+                                         - log_q)
+    # the trainer's ELBO is a Monte Carlo estimate from the discrete guide's samples
+    assert reported == pytest.approx(float(elbo.mean()), abs=0.5)
+    # the relaxed objective it trained is recorded under its own name, never as the ELBO
+    last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert "train_elbo" not in last and last["objective"].startswith("relaxed elbo")
+
+
+def test_accelerators_decline_discrete_programs():
+    """The structural checks of every accelerator refuse a discrete guide (the choice is
+    recorded with its reason), even with an estimator whose surrogate they support."""
+    from pyro_vae.inference.accelerators import choose_log_weights, choose_training_loss
+    from pyro_vae.lab.variance import choose_draws
+
+    cfg, vae = tiny_vae("bernoulli", "score")
+    x = images(8)
+    reparam = ESTIMATORS["reparam"]
+    vae.estimator = reparam
+    fast, choice = choose_training_loss(cfg, vae, reparam, x, 100, 0, 1)
+    assert fast is None and choice.path.startswith("generic")
+    assert "Bernoulli" in choice.reason
+    _, choice = choose_log_weights(vae, x[:1], "float32", False, lambda z, n: None)
+    assert choice.path == "generic" and "Bernoulli" in choice.reason
+    choice = choose_draws(vae, reparam, x, 1, None, method="auto")
+    assert choice.path == "generic" and "Bernoulli" in choice.reason
+
+
+DISCRETE = ["score", "score-avg-baseline", "score-nn-baseline", "rloo", "vimco",
+            "gumbel-softmax", "straight-through"]
+
+
+@pytest.mark.parametrize("latent", ["bernoulli", "categorical"])
+def test_lab_draws_equal_pyro_draw_for_draw(latent):
+    """The vectorized draws of every discrete estimator equal one Pyro loss_and_grads each
+    (the package's ELBO classes where Pyro has no such estimator) on the same noise."""
+    from pyro_vae.inference.estimators import AVG_BASELINE_PARAM
+    from pyro_vae.lab.variance import gradient_draws
+
+    cfg, vae = tiny_vae(latent, "score-nn-baseline")
+    x = images(8)
+    for name in DISCRETE:
+        pyro.get_param_store()[AVG_BASELINE_PARAM] = torch.full((8,), -10.0)
+        k = 3 if ESTIMATORS[name].min_particles > 1 else 1
+        paths = []
+        torch.manual_seed(5)
+        fast = list(gradient_draws(vae, name, x, 2, num_particles=k, chunk_size=1,
+                                   paths=paths, relaxation=(0.7, "discrete")))
+        torch.manual_seed(5)
+        slow = list(gradient_draws(vae, name, x, 2, num_particles=k, vectorized=False,
+                                   relaxation=(0.7, "discrete")))
+        assert paths[0].path == "func", paths[0]
+        for a, b in zip(fast, slow):
+            for param in b:
+                scale = b[param].abs().max().item()
+                torch.testing.assert_close(a[param], b[param], rtol=1e-3, atol=1e-4 * scale)
+
+
+def test_lab_bias_column_separates_unbiased_from_relaxed():
+    from pyro_vae.lab.variance import measure_gradient_variance
+
+    _, vae = tiny_vae("bernoulli", "score")
+    x = images(8)
+    res = measure_gradient_variance(vae, x, ["score", "rloo", "gumbel-softmax"], num_draws=300,
+                                    num_bootstrap=100, temperature=2.0)
+    assert res["oracle"] == "exact" and res["ratio_reference"] == "score"
+    enc = {n: r["groups"]["encoder"] for n, r in res["estimators"].items()}
+    for name in ("score", "rloo"):  # unbiased: the error is the noise of the mean
+        assert enc[name]["relative_error"] < 3 * enc[name]["noise_floor"]
+    relaxed = enc["gumbel-softmax"]
+    assert relaxed["relative_error"] > 5 * relaxed["noise_floor"]
+    assert relaxed["relative_error_ci"][0] > enc["rloo"]["relative_error_ci"][1]
+
+
+def test_temperature_anneals_geometrically_and_the_trainer_sets_it():
+    from conftest import small_dataset
+
+    from pyro_vae.inference.discrete import RelaxedELBO
+    from pyro_vae.training.trainer import Trainer
+
+    elbo = RelaxedELBO(2.0, 0.5)
+    for fraction, want in ((0.0, 2.0), (0.5, 1.0), (1.0, 0.5)):
+        elbo.set_progress(fraction)
+        assert elbo.temperature == pytest.approx(want)
+    cfg, _ = tiny_vae("bernoulli", "gumbel-softmax", temperature=2.0, temperature_final=0.5)
+    cfg.train.epochs, cfg.train.batch_size, cfg.train.progress = 2, 64, False
+    trainer = Trainer(cfg, small_dataset(128, 32, side=4))
+    x = (trainer.dataset.train.images[:64] > 0.5).float()
+    for _ in range(4):  # 2 epochs of 2 steps: the last step is at the final temperature
+        trainer.step(x)
+        trainer.global_step += 1
+    assert trainer.elbo.temperature == pytest.approx(0.5)
+
+
+def test_variance_command_reports_bias_for_a_discrete_code(tmp_path):
+    out = tmp_path / "var"
+    assert _run(["variance", "--out", str(out), "--latent", "bernoulli", "--latent-dim", "3",
+                 "--hidden-dims", "8", "--estimator", "score", "--estimators", "score", "rloo",
+                 "gumbel-softmax", "--checkpoints", "0", "--draws", "6", "--measure-batch", "8",
+                 "--draw-precision", "float32", "--no-figures", "--no-progress",
+                 "--train-limit", "64", "--batch-size", "32"]) == 0
+    result = json.loads((out / "variance.json").read_text())
+    row = result["measurements"][0]
+    assert row["oracle"] == "exact"
+    encoder = row["estimators"]["rloo"]["groups"]["encoder"]
+    assert {"relative_error", "relative_error_ci", "noise_floor", "relative_bias",
+            "cost_adjusted_variance"} <= set(encoder)
+    assert "relative_error" in (out / "variance.csv").read_text().splitlines()[0]
+    # a reparametrized estimator does not apply to the code: one line, exit 2
+    assert _run(["variance", "--out", str(tmp_path / "bad"), "--latent", "bernoulli",
+                 "--latent-dim", "3", "--hidden-dims", "8", "--estimator", "score",
+                 "--estimators", "reparam", "--checkpoints", "0", "--draws", "4",
+                 "--measure-batch", "8", "--train-limit", "64", "--batch-size", "32",
+                 "--no-progress"]) == 2
