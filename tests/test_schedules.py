@@ -155,7 +155,7 @@ def test_resume_after_an_interrupt_repeats_warmup_schedule_and_early_stop(tmp_pa
         assert torch.equal(p, q)
 
 
-@pytest.mark.parametrize("estimator", ["iwae", "dreg"])
+@pytest.mark.parametrize("estimator", ["iwae", "dreg", "vimco"])
 @pytest.mark.parametrize("setting", [{"beta": 0.5}, {"kl_warmup_epochs": 2}])
 def test_kl_weights_are_refused_for_the_importance_weighted_bound(estimator, setting):
     # the bound has no KL term: a weight on the latent sites would scale the whole bound
