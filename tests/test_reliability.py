@@ -117,15 +117,19 @@ def data_dir(tmp_path, digits) -> Path:
     return idx_folder(tmp_path / "idx", digits)
 
 
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory, digits) -> tuple[Path, Path]:
-    """(run folder, data folder) of a finished one-epoch run; copy it before changing it."""
-    root = tmp_path_factory.mktemp("finished")
+def one_epoch_run(root: Path, digits: dict[str, np.ndarray]) -> tuple[Path, Path]:
+    """(run folder, data folder) of a one-epoch run trained in ``root``."""
     data = idx_folder(root / "idx", digits)
     run = root / "run"
     assert main(["train", "--out", str(run), "--dataset", "mnist", "--data-dir", str(data),
                  *TINY]) == 0
     return run, data
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, digits) -> tuple[Path, Path]:
+    """(run folder, data folder) of a finished one-epoch run; copy it before changing it."""
+    return one_epoch_run(tmp_path_factory.mktemp("finished"), digits)
 
 
 @pytest.fixture
@@ -1128,12 +1132,7 @@ def fill(disk: Path) -> None:
 @pytest.fixture(scope="module")
 def own_run(tmp_path_factory, digits) -> tuple[Path, Path]:
     """(run folder, data folder) of a finished one-epoch run that no other test changes."""
-    root = tmp_path_factory.mktemp("own")
-    data = idx_folder(root / "idx", digits)
-    run = root / "run"
-    assert main(["train", "--out", str(run), "--dataset", "mnist", "--data-dir", str(data),
-                 *TINY]) == 0
-    return run, data
+    return one_epoch_run(tmp_path_factory.mktemp("own"), digits)
 
 
 @pytest.mark.parametrize("fault, code_name", [("full", "(ENOSPC)"), ("read-only", "(EROFS)")])
