@@ -336,11 +336,12 @@ class Config:
         if self.train.early_stop_patience and not self.data.val_fraction:
             raise ConfigError("train.early_stop_patience needs a validation split: set "
                               "data.val_fraction, e.g. 0.1")
+        # the parts' kind of code first: an estimator's refusal presumes the right parts
+        self._check_latent_kind()
         registry.ESTIMATORS[self.train.estimator].check_config(self)
         registry.LIKELIHOODS[self.model.likelihood].check_config(self)
         registry.PRIORS[self.model.prior].check_config(self)
         registry.ENCODERS[self.model.encoder].check_config(self)
-        self._check_latent_kind()
         if self.train.device == "cuda":
             import torch
             if not torch.cuda.is_available():

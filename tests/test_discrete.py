@@ -189,6 +189,11 @@ def test_concrete_scored_relaxation_keeps_its_bias():
     (["--latent", "bernoulli", "--estimator", "score", "--prior", "vamp"],
      "prior vamp makes a gaussian code"),
     (["--encoder", "categorical", "--estimator", "score"], "use --latent categorical"),
+    # the parts' kind of code is checked before the estimator (whose refusal would mislead)
+    (["--encoder", "bernoulli"], "encoder bernoulli makes a bernoulli code"),
+    (["--latent", "bernoulli", "--prior", "vamp"], "prior vamp makes a gaussian code"),
+    (["--latent", "bernoulli", "--estimator", "rloo", "--num-particles", "1"],
+     "a leave-one-out baseline needs at least one other sample"),
     (["--latent", "categorical", "--categories", "1", "--estimator", "score"], ">= 2"),
 ])
 def test_wrong_combinations_are_one_line_and_exit_2(tmp_path, capsys, args, needle):
@@ -365,3 +370,31 @@ def test_variance_command_reports_bias_for_a_discrete_code(tmp_path):
                  "--estimators", "reparam", "--checkpoints", "0", "--draws", "4",
                  "--measure-batch", "8", "--train-limit", "64", "--batch-size", "32",
                  "--no-progress"]) == 2
+
+
+def test_variance_refuses_before_training_and_never_takes_exact_as_the_reference(
+        tmp_path, capsys, monkeypatch):
+    from pyro_vae.lab import experiment
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained the reference run before refusing")
+
+    monkeypatch.setattr(experiment, "train_with_snapshots", no_training)
+    flags = ["--latent", "bernoulli", "--hidden-dims", "8", "--estimator", "rloo",
+             "--checkpoints", "0", "--draws", "6", "--measure-batch", "8", "--train-limit", "64",
+             "--batch-size", "32", "--no-progress", "--no-figures", "--draw-precision", "float32"]
+    for extra, needle in ((["--latent-dim", "3", "--estimators", "reparam", "rloo"],
+                           "estimator reparam does not apply to the discrete code"),
+                          (["--latent-dim", "20", "--estimators", "rloo"],
+                           "exact gradient: the code has 1.05e+06 values")):
+        assert _run(["variance", "--out", str(tmp_path / "bad"), *flags, *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and needle in err[0], err
+    assert not (tmp_path / "bad").exists()
+    monkeypatch.undo()
+    out = tmp_path / "var"
+    assert _run(["variance", "--out", str(out), *flags, "--latent-dim", "3", "--estimators",
+                 "exact", "rloo"]) == 0
+    row = json.loads((out / "variance.json").read_text())["measurements"][0]
+    assert row["ratio_reference"] == "rloo"  # exact has no variance to compare with
+    assert row["estimators"]["rloo"]["groups"]["encoder"]["ratio_to_reparam"] == 1.0

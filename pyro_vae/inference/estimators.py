@@ -574,9 +574,11 @@ class Estimator:
         if cfg.train.num_particles == 0:  # the estimator's own default, recorded in the config
             cfg.train.num_particles = self.default_particles
         if cfg.train.num_particles < self.min_particles:
+            why = ("a leave-one-out baseline needs at least one other sample"
+                   if self.surrogate in ("leave-one-out-score", "multi-sample-score")
+                   else "with one particle the importance-weighted bound is the plain ELBO")
             raise ConfigError(f"estimator {self.name} needs train.num_particles >= "
-                              f"{self.min_particles}, got {cfg.train.num_particles} (with one "
-                              f"particle the importance-weighted bound is the plain ELBO)")
+                              f"{self.min_particles}, got {cfg.train.num_particles} ({why})")
 
     def check_program(self, structure: ProgramStructure) -> None:
         """Raise ConfigError if this estimator cannot train the traced program ``structure``."""

@@ -16,6 +16,8 @@ import torch
 
 from ..data import binarize_batch, prepare_observations
 from ..errors import ConfigError
+from ..inference.discrete import code_table, is_discrete
+from ..inference.estimators import example_posterior
 from ..models.vae import VAE
 from ..registry import ESTIMATORS
 from ..training.trainer import Trainer, _param_store_extras, epoch_order
@@ -74,6 +76,29 @@ def train_with_snapshots(cfg: Any, dataset: Any, snapshot_steps: Sequence[int],
     return trainer, snapshots, curve
 
 
+def _check_measurable(cfg: Any, estimators: Sequence[str], latent_dim: int) -> None:
+    """ConfigError, before anything is trained, for an estimator that does not apply to the
+    code of ``cfg`` at ``latent_dim``, or a discrete code too large for the exact oracle."""
+    check = copy.deepcopy(cfg)
+    check.model.latent_dim = latent_dim
+    q = example_posterior(check)
+    if q is None:  # a plugin family that cannot be built from the config: the lab will tell
+        return
+    discrete = is_discrete(q)
+    for name in estimators:
+        if not ESTIMATORS[name].applies_to(discrete):
+            fits = [n for n, e in ESTIMATORS.items() if e.applies_to(discrete)]
+            raise ConfigError(f"estimator {name} does not apply to the "
+                              f"{'discrete' if discrete else 'continuous'} code of this "
+                              f"model; choose from {', '.join(fits)}")
+    if discrete:  # the oracle is the exact gradient, a sum over every code
+        try:
+            code_table(q)
+        except ConfigError as e:
+            raise ConfigError(f"the variance lab measures discrete codes against their exact "
+                              f"gradient: {e}") from None
+
+
 def variance_experiment(cfg: Any, dataset: Any, estimators: Sequence[str] = (
         "reparam", "score", "score-avg-baseline"), *, checkpoints: Sequence[int] = (
         0, 100, 500, 1000), num_draws: int = 1000, oracle_draws: int = 1000,
@@ -97,6 +122,9 @@ def variance_experiment(cfg: Any, dataset: Any, estimators: Sequence[str] = (
             raise ConfigError(f"unknown estimator {name!r}; choose from {', '.join(ESTIMATORS)}")
     if any(c < 0 for c in checkpoints) or not checkpoints:
         raise ConfigError(f"checkpoints must be non-negative steps, got {list(checkpoints)}")
+    if not runs:  # before the reference run is trained: what the measurement will refuse
+        for latent_dim in list(latent_dims) or [cfg.model.latent_dim]:
+            _check_measurable(cfg, estimators, latent_dim)
     sizes = list(batch_sizes) or [measure_batch]
     rows: list[dict[str, Any]] = []
     timing = {"reference_training_s": 0.0, "measurement_s": 0.0, "curves_s": 0.0}

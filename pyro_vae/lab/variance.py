@@ -755,7 +755,9 @@ def measure_gradient_variance(vae: VAE, x: torch.Tensor, estimators: Sequence[st
     # discrete one, which no reparametrized estimator applies to
     if discrete:
         names = list(dict.fromkeys(estimators))
-        reference = "score" if "score" in names else names[0]
+        # never exact: it has no variance to compare with
+        sampled = [n for n in names if ESTIMATORS[n].surrogate != "exact"]
+        reference = "score" if "score" in names else (sampled or names)[0]
     else:
         names = list(dict.fromkeys(["reparam", *estimators]))
         reference = "reparam"
