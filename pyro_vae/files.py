@@ -158,3 +158,12 @@ def new_outputs(paths: Iterable[str | Path], folder: str | Path | None = None,
             with contextlib.suppress(OSError):
                 path.rmdir()  # only when empty
         raise
+
+
+def write_output(path: str | Path, text: str) -> None:
+    """A command's single output file: its folder made if needed, the text written atomically;
+    on failure neither the file nor a folder made for it is left."""
+    path = Path(path)
+    with new_outputs([path], path.parent):
+        make_folder(path.parent)
+        atomic_write_text(path, text)

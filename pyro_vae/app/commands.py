@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointError, ConfigError, DataError
-from ..files import atomic_write_text, make_folder, new_outputs
+from ..files import make_folder, new_outputs, write_output
 from ..metrics import (
     SCORE_METHODS,
     anomaly_scores,
@@ -182,9 +182,7 @@ def evaluate_run(run_dir: str | Path, split: str = "test", num_samples: int = 50
         "seed": seed,
         "paths": [ll.path.as_dict()] if ll.path is not None else [],
     }
-    with new_outputs([out], out.parent):
-        make_folder(out.parent)
-        atomic_write_text(out, json.dumps(result, indent=2) + "\n")
+    write_output(out, json.dumps(result, indent=2) + "\n")
     return result
 
 
@@ -331,8 +329,6 @@ def score_run(run_dir: str | Path, split: str = "test", images: str | Path | Non
     writer.writerow(["index", "label" if images is None else "file", "score"])
     for i, (label, score) in enumerate(zip(labels, scores.tolist(), strict=True)):
         writer.writerow([i, label, f"{score:.4f}"])
-    with new_outputs([out], out.parent):
-        make_folder(out.parent)
-        atomic_write_text(out, table.getvalue())
+    write_output(out, table.getvalue())
     return out
 

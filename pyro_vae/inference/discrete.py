@@ -293,25 +293,8 @@ class _MultiSample(ELBO):
                                                     args, kwargs)
 
     def _parts(self, model, guide, args, kwargs):  # noqa: ANN001
-        """``(log_w, log_p, log_q, plate_scale)``, the first three ``(K, batch)``: log_p sums
-        the model's sites and log_w subtracts the guide's (each latent site weighted by its
-        extra scale), log_q is the guide's unweighted log-density."""
         model_trace, guide_trace = next(self._get_traces(model, guide, args, kwargs))
-        k = self.num_particles
-        plate_scale = _plate_scale(model_trace)
-        log_p, log_w, log_q = 0.0, 0.0, 0.0
-        for trace, sign in ((model_trace, 1.0), (guide_trace, -1.0)):
-            for site in trace.nodes.values():
-                if site["type"] != "sample" or type(site["fn"]).__name__ == "_Subsample":
-                    continue
-                weight = _as_float(site["scale"]) / plate_scale
-                lp = site["unscaled_log_prob"].reshape(k, -1)
-                log_w = log_w + sign * weight * lp
-                if sign > 0:
-                    log_p = log_p + weight * lp
-                else:
-                    log_q = log_q + lp
-        return log_w, log_p, log_q, plate_scale
+        return importance_parts(model_trace, guide_trace, self.num_particles)
 
     def loss(self, model, guide, *args, **kwargs) -> float:  # noqa: ANN001
         with torch.no_grad():
@@ -327,6 +310,28 @@ class _MultiSample(ELBO):
 
     def _losses(self, model, guide, args, kwargs) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN001
         raise NotImplementedError
+
+
+def importance_parts(model_trace: poutine.Trace, guide_trace: poutine.Trace, k: int
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """Of K vectorized importance traces: ``(log_w, log_p, log_q, plate_scale)``, the first
+    three ``(K, batch)``. log_p sums the model's sites and log_w subtracts the guide's (each
+    latent site weighted by its extra scale, 1 unless a KL weight is set), log_q is the
+    guide's unweighted log-density; plate_scale is the data plate's subsampling scale."""
+    plate_scale = _plate_scale(model_trace)
+    log_p, log_w, log_q = 0.0, 0.0, 0.0
+    for trace, sign in ((model_trace, 1.0), (guide_trace, -1.0)):
+        for site in trace.nodes.values():
+            if site["type"] != "sample" or type(site["fn"]).__name__ == "_Subsample":
+                continue
+            weight = _as_float(site["scale"]) / plate_scale
+            lp = site["unscaled_log_prob"].reshape(k, -1)
+            log_w = log_w + sign * weight * lp
+            if sign > 0:
+                log_p = log_p + weight * lp
+            else:
+                log_q = log_q + lp
+    return log_w, log_p, log_q, plate_scale
 
 
 def _as_float(scale: Any) -> float:

@@ -37,6 +37,7 @@ from .discrete import (
     RelaxedELBO,
     _unwrap,
     concrete_sample,
+    importance_parts,
     is_discrete,
     num_codes,
     relax,
@@ -202,21 +203,14 @@ class IWAE_ELBO(ELBO):
 
     def _log_weights(self, model_trace, guide_trace) -> tuple[torch.Tensor, Any]:  # noqa: ANN001
         """log p(x, z_k) - log q(z_k|x) per particle and image, ``(K, batch)``, from unscaled
-        densities; and the scale of site ``z`` (the plate's subsampling scale)."""
-        log_w, scale = 0.0, 1.0
-        for trace, sign in ((model_trace, 1.0), (guide_trace, -1.0)):
-            for site in trace.nodes.values():
-                if site["type"] != "sample":
-                    continue
-                if sign < 0 and not site["fn"].has_rsample:
-                    raise ConfigError(f"estimator {self.name} needs a reparametrized guide; guide "
-                                      f"site {site['name']!r} is {type(site['fn']).__name__}, "
-                                      f"which has no rsample")
-                log_p = site["unscaled_log_prob"]
-                log_w = log_w + sign * log_p.reshape(self.num_particles, -1)
-                if site["name"] == "z":
-                    scale = site["scale"]
-        return log_w, scale
+        densities; and the data plate's subsampling scale (:func:`importance_parts`)."""
+        for site in guide_trace.nodes.values():
+            if site["type"] == "sample" and not site["fn"].has_rsample:
+                raise ConfigError(f"estimator {self.name} needs a reparametrized guide; guide "
+                                  f"site {site['name']!r} is {type(site['fn']).__name__}, "
+                                  f"which has no rsample")
+        log_w, _, _, plate_scale = importance_parts(model_trace, guide_trace, self.num_particles)
+        return log_w, plate_scale
 
     def _surrogate(self, model, guide, *args, **kwargs) -> torch.Tensor:  # noqa: ANN001
         model_trace, guide_trace = next(self._get_traces(model, guide, args, kwargs))
