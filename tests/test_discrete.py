@@ -17,6 +17,7 @@ import torch
 
 from pyro_vae import VAE, Config
 from pyro_vae.app.cli import main
+from pyro_vae.errors import ConfigError
 from pyro_vae.registry import ESTIMATORS
 
 IMAGE = (1, 4, 4)
@@ -288,14 +289,27 @@ DISCRETE = ["score", "score-avg-baseline", "score-nn-baseline", "rloo", "vimco",
             "gumbel-softmax", "straight-through"]
 
 
-@pytest.mark.parametrize("latent", ["bernoulli", "categorical"])
-def test_lab_draws_equal_pyro_draw_for_draw(latent):
-    """The vectorized draws of every discrete estimator equal one Pyro loss_and_grads each
-    (the package's ELBO classes where Pyro has no such estimator) on the same noise."""
+@pytest.mark.parametrize("method", ["hand", "func"])
+@pytest.mark.parametrize("latent,prior,hidden", [
+    ("bernoulli", "discrete-uniform", [8]), ("categorical", "discrete-uniform", [8]),
+    ("bernoulli", "discrete-learned", [8, 5])])
+def test_lab_draws_equal_pyro_draw_for_draw(latent, prior, hidden, method):
+    """The vectorized draws of every discrete estimator, on both accelerated paths, equal one
+    Pyro loss_and_grads each (the package's ELBO classes where Pyro has no such estimator) on
+    the same noise: with a learnable prior and a two-layer decoder too."""
     from pyro_vae.inference.estimators import AVG_BASELINE_PARAM
     from pyro_vae.lab.variance import gradient_draws
 
-    cfg, vae = tiny_vae(latent, "score-nn-baseline")
+    cfg = Config()
+    cfg.model.latent, cfg.model.prior, cfg.model.hidden_dims = latent, prior, hidden
+    cfg.model.latent_dim, cfg.model.categories = 3, 3
+    cfg.train.estimator = "score-nn-baseline"
+    cfg.validate()
+    torch.manual_seed(1)
+    vae = VAE.from_config(cfg, IMAGE)
+    if prior == "discrete-learned":
+        with torch.no_grad():
+            vae.prior.logits.normal_()
     x = images(8)
     for name in DISCRETE:
         pyro.get_param_store()[AVG_BASELINE_PARAM] = torch.full((8,), -10.0)
@@ -303,15 +317,104 @@ def test_lab_draws_equal_pyro_draw_for_draw(latent):
         paths = []
         torch.manual_seed(5)
         fast = list(gradient_draws(vae, name, x, 2, num_particles=k, chunk_size=1,
-                                   paths=paths, relaxation=(0.7, "discrete")))
+                                   paths=paths, relaxation=(0.7, "discrete"), method=method))
         torch.manual_seed(5)
         slow = list(gradient_draws(vae, name, x, 2, num_particles=k, vectorized=False,
                                    relaxation=(0.7, "discrete")))
-        assert paths[0].path == "func", paths[0]
+        assert paths[0].path == method, paths[0]
         for a, b in zip(fast, slow):
             for param in b:
                 scale = b[param].abs().max().item()
                 torch.testing.assert_close(a[param], b[param], rtol=1e-3, atol=1e-4 * scale)
+
+
+def test_code_kernel_reads_hard_codes_from_its_table_and_soft_ones_directly():
+    """The decoder table (hard codes) and the direct pass (soft codes, or the table off) give
+    the same draws as the func path on the same noise, chunk of several draws at once."""
+    from pyro_vae.inference.accelerators.code_gradients import CodeGradients
+    from pyro_vae.lab.discrete import discrete_draws, discrete_noise
+    from pyro_vae.lab.variance import _no_validation, measured_parameters
+
+    _, vae = tiny_vae("bernoulli", "score", d=4)
+    x = images(8)
+    params = {k: p.detach() for k, p in measured_parameters(vae).items()}
+    for name in ("score", "vimco", "gumbel-softmax", "straight-through"):
+        est = ESTIMATORS[name]
+        k = 2 if est.min_particles > 1 else 1
+        with _no_validation():
+            noise = discrete_noise(vae, est, x, 4, k)
+            want = discrete_draws(vae, est, x, None, params, 0.6)(noise)
+            for table in (True, False):
+                kernel = CodeGradients(vae, est, x, None, params, 0.6, table=table)
+                assert (kernel.table is not None) == table
+                got = kernel(noise)
+                for p in want:
+                    torch.testing.assert_close(got[p], want[p], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("latent,prior", [("bernoulli", "discrete-learned"),
+                                          ("categorical", "discrete-uniform")])
+def test_table_oracle_equals_exact_elbo_gradient(latent, prior):
+    """The lab's exact oracle from the code tables equals autograd of ExactELBO (the sum over
+    codes on the program itself)."""
+    from pyro_vae.inference.accelerators.code_gradients import exact_table_gradient
+    from pyro_vae.lab.discrete import exact_gradient, exact_oracle
+    from pyro_vae.lab.variance import measured_parameters
+
+    cfg = Config()
+    cfg.model.latent, cfg.model.prior, cfg.model.hidden_dims = latent, prior, [8, 6]
+    cfg.model.latent_dim, cfg.model.categories = 3, 3
+    cfg.train.estimator = "score"
+    cfg.validate()
+    torch.manual_seed(2)
+    vae = VAE.from_config(cfg, IMAGE)
+    x = images(10)
+    params = measured_parameters(vae)
+    want = exact_gradient(vae, x, params)
+    got = exact_table_gradient(vae, x, params)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-6)
+    paths = []
+    exact_oracle(vae, x, params, paths)
+    assert paths[0].path == "table", paths[0]
+
+
+def test_table_oracle_declines_a_program_it_does_not_reproduce():
+    """A KL weight scales the program's latent sites, which the table does not write out: the
+    oracle's probe sees the difference and takes ExactELBO, saying why."""
+    from pyro_vae.lab.discrete import exact_gradient, exact_oracle
+    from pyro_vae.lab.variance import measured_parameters
+
+    _, vae = tiny_vae("bernoulli", "score")
+    vae.kl_weight = 0.3
+    x = images(8)
+    params = measured_parameters(vae)
+    paths = []
+    got = exact_oracle(vae, x, params, paths)
+    assert paths[0].path == "exact" and "differs from ExactELBO" in paths[0].reason
+    want = exact_gradient(vae, x, params)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k])
+
+
+def test_code_kernel_declines_other_likelihoods():
+    """A Gaussian likelihood is outside the kernel's structure: the lab says so and takes the
+    func path, whose draws still equal Pyro's."""
+    from pyro_vae.inference.accelerators.code_gradients import unsupported_reason
+    from pyro_vae.lab.variance import choose_draws
+
+    cfg = Config()
+    cfg.model.latent, cfg.model.latent_dim, cfg.model.hidden_dims = "bernoulli", 3, [8]
+    cfg.model.likelihood, cfg.data.binarize = "gaussian", "none"
+    cfg.train.estimator = "score"
+    cfg.validate()
+    vae = VAE.from_config(cfg, IMAGE)
+    x = images(8)
+    assert "Bernoulli" in unsupported_reason(vae, x)
+    choice = choose_draws(vae, ESTIMATORS["score"], x, 1, None)
+    assert choice.path == "func" and "hand: the decoder's likelihood" in choice.reason
+    with pytest.raises(ConfigError, match="method hand"):
+        choose_draws(vae, ESTIMATORS["score"], x, 1, None, method="hand")
 
 
 def test_lab_bias_column_separates_unbiased_from_relaxed():

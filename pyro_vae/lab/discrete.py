@@ -21,6 +21,9 @@ from typing import Any
 import torch
 from torch.func import functional_call, grad, vjp, vmap
 
+from ..inference.accelerators import PathChoice, record
+from ..inference.accelerators.code_gradients import exact_table_gradient
+from ..inference.accelerators.code_gradients import unsupported_reason as code_unsupported_reason
 from ..inference.discrete import ExactELBO, _unwrap, is_discrete
 from ..inference.estimators import Draw, Estimator
 from ..inference.program import param_scope
@@ -49,6 +52,46 @@ def exact_gradient(vae: VAE, x: torch.Tensor, params: dict[str, torch.Tensor]
     finally:
         vae.estimator = old
         vae.zero_grad(set_to_none=True)
+
+
+#: Images on which the table-based exact gradient is compared with ExactELBO's.
+ORACLE_PROBE_IMAGES = 8
+#: Largest relative L2 difference between the two on those images.
+ORACLE_TOLERANCE = 1e-4
+
+
+def exact_oracle(vae: VAE, x: torch.Tensor, params: dict[str, torch.Tensor],
+                 paths: list[PathChoice] | None = None) -> dict[str, torch.Tensor]:
+    """The exact gradient of the per-image negative ELBO, the discrete lab's oracle.
+
+    From the code tables (:func:`~pyro_vae.inference.accelerators.code_gradients.
+    exact_table_gradient`: the decoder run once per code, the likelihood a matrix product)
+    where the program has their structure and the two agree on the first
+    :data:`ORACLE_PROBE_IMAGES` images; otherwise :func:`exact_gradient` (``ExactELBO`` on the
+    program). The path taken is appended to ``paths``.
+    """
+    problem = code_unsupported_reason(vae, x)
+    if problem is None:
+        few = x[:ORACLE_PROBE_IMAGES]
+        want = exact_gradient(vae, few, params)
+        got = exact_table_gradient(vae, few, params)
+        diff = sum(float((got[k] - want[k]).pow(2).sum()) for k in want)
+        norm = sum(float(want[k].pow(2).sum()) for k in want)
+        rel = (diff / max(norm, 1e-30)) ** 0.5
+        if rel <= ORACLE_TOLERANCE:
+            choice = PathChoice("oracle", "table", f"sum over every code with the decoder run "
+                                f"once per code and the likelihood as a matrix product; equal "
+                                f"to ExactELBO's on {few.shape[0]} images ({rel:.1g})")
+            oracle = exact_table_gradient(vae, x, params)
+        else:
+            problem = f"the table's exact gradient differs from ExactELBO's by {rel:.2g}"
+    if problem is not None:
+        choice = PathChoice("oracle", "exact", f"sum over every code (ExactELBO) ({problem})")
+        oracle = exact_gradient(vae, x, params)
+    record(choice)
+    if paths is not None:
+        paths.append(choice)
+    return oracle
 
 
 class _BinaryBernoulli:

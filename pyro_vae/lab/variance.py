@@ -37,6 +37,8 @@ from torch.func import functional_call, grad, vjp, vmap
 
 from ..errors import ConfigError
 from ..inference.accelerators import GENERIC, PathChoice, record
+from ..inference.accelerators.code_gradients import CodeGradients
+from ..inference.accelerators.code_gradients import unsupported_reason as code_unsupported_reason
 from ..inference.accelerators.mlp_gradients import MLPGradients, unsupported_reason
 from ..inference.discrete import _unwrap
 from ..inference.estimators import AVG_BASELINE_PARAM, Draw, Estimator
@@ -44,7 +46,7 @@ from ..inference.program import log_weights, param_scope, trace_program
 from ..models.vae import VAE
 from ..registry import ESTIMATORS
 from .bound import Bound as _Bound
-from .discrete import discrete_code, discrete_draws, discrete_noise, exact_gradient
+from .discrete import discrete_code, discrete_draws, discrete_noise, exact_oracle
 
 #: Matrix-product precision of the vectorized draws -> context manager.
 PRECISIONS: dict[str, Callable[[str], Any]] = {
@@ -482,30 +484,57 @@ def _choose_discrete(vae: VAE, estimator: Estimator, x: torch.Tensor, num_partic
                      baseline: torch.Tensor | None, method: str, what: str,
                      params: dict[str, torch.Tensor], relaxation: tuple[float, str]
                      ) -> PathChoice:
-    """The ``func`` path for a discrete code (:mod:`pyro_vae.lab.discrete`), held to Pyro on a
-    probe draw; ``hand`` never applies (it writes out a diagonal-Normal guide)."""
+    """The path for a discrete code: ``hand`` (:class:`~pyro_vae.inference.accelerators.
+    code_gradients.CodeGradients`, the decoder written out) where the program has its
+    structure, else ``func`` (:mod:`pyro_vae.lab.discrete`), each held to Pyro on a probe draw."""
+    reasons = []
+    detached = {k: p.detach() for k, p in params.items()}
+
+    def probe(draws: Any) -> str | None:
+        return _probe(draws, vae, estimator, x, params, num_particles, baseline,
+                      noise=lambda: discrete_noise(vae, estimator, x, 1, num_particles),
+                      relaxation=relaxation)
+
     with torch.no_grad():
         kind = type(_unwrap(vae.encoder(x[:1]))[0]).__name__
-    reason = f"hand: the guide's code is discrete ({kind}), not diagonal Normal"
-    if method == "hand":
-        raise ConfigError(f"method hand: {reason}")
-    if estimator.draw_loss is None:
+    problem = None
+    if not estimator.applies_to(discrete=True):
+        problem = f"estimator {estimator.name} does not apply to a discrete code ({kind})"
+    elif estimator.draw_loss is None:
         problem = "the estimator has no draw_loss"
-    elif _prior_uses_encoder(vae):
-        problem = "the prior uses the encoder"
-    else:
-        detached = {k: p.detach() for k, p in params.items()}
-        with _no_validation():
-            func = discrete_draws(vae, estimator, x, baseline, detached, *relaxation)
-            problem = _probe(func, vae, estimator, x, params, num_particles, baseline,
-                             noise=lambda: discrete_noise(vae, estimator, x, 1, num_particles),
-                             relaxation=relaxation)
-    if problem is None:
-        return record(PathChoice(what, "func", "discrete code: vmap over codes or Concrete "
-                                 "noise, shared encoder pass; a probe draw equals Pyro's"))
-    if method == "func":
-        raise ConfigError(f"method func: {problem}")
-    return record(PathChoice(what, GENERIC, f"{reason}; func: {problem}"))
+    if problem is not None:
+        if method in ("hand", "func"):
+            raise ConfigError(f"method {method}: {problem}")
+        return record(PathChoice(what, GENERIC, problem))
+    if method in ("auto", "hand"):
+        problem = code_unsupported_reason(vae, x)
+        if problem is None:
+            with _no_validation():
+                problem = probe(CodeGradients(vae, estimator, x, baseline, detached,
+                                              *relaxation))
+        if problem is None:
+            return record(PathChoice(what, "hand", "discrete code, MLP decoder with a "
+                                     "Bernoulli likelihood written out (a per-code table for "
+                                     "hard codes), the estimator's draw_loss differentiated "
+                                     "on scalars, float32; a probe draw equals Pyro's"))
+        if method == "hand":
+            raise ConfigError(f"method hand: {problem}")
+        reasons.append(f"hand: {problem}")
+    if method in ("auto", "func"):
+        if _prior_uses_encoder(vae):
+            problem = "the prior uses the encoder"
+        else:
+            with _no_validation():
+                problem = probe(discrete_draws(vae, estimator, x, baseline, detached,
+                                               *relaxation))
+        if problem is None:
+            return record(PathChoice(what, "func", "discrete code: vmap over codes or Concrete "
+                                     "noise, shared encoder pass; a probe draw equals Pyro's"
+                                     + (f" ({reasons[0]})" if reasons else "")))
+        if method == "func":
+            raise ConfigError(f"method func: {problem}")
+        reasons.append(f"func: {problem}")
+    return record(PathChoice(what, GENERIC, "; ".join(reasons)))
 
 
 def choose_draws(vae: VAE, estimator: Estimator, x: torch.Tensor, num_particles: int,
@@ -616,7 +645,9 @@ def gradient_draws(vae: VAE, estimator: Estimator | str, x: torch.Tensor, num_dr
     if discrete_code(vae, x):
         detached = {k: p.detach() for k, p in params.items()}
         with _no_validation():
-            per_draw = discrete_draws(vae, estimator, x, baseline, detached, *relaxation)
+            per_draw = CodeGradients(vae, estimator, x, baseline, detached, *relaxation) \
+                if choice.path == "hand" else \
+                discrete_draws(vae, estimator, x, baseline, detached, *relaxation)
         for n in _chunks(num_draws, chunk_size):
             noise = discrete_noise(vae, estimator, x, n, num_particles)
             with _no_validation():
@@ -783,9 +814,7 @@ def measure_gradient_variance(vae: VAE, x: torch.Tensor, estimators: Sequence[st
         paths: list[PathChoice] = []
         with torch.enable_grad():
             if discrete:  # the exact gradient: every estimator's bias is measurable
-                oracle = exact_gradient(vae, x, measured_parameters(vae))
-                paths.append(record(PathChoice("oracle", "exact", "sum over every code "
-                                               "(ExactELBO), exact gradient")))
+                oracle = exact_oracle(vae, x, measured_parameters(vae), paths)
             else:
                 oracle = oracle_gradient(vae, x, oracle_draws, precision=precision,
                                          paths=paths)
