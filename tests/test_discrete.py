@@ -501,3 +501,56 @@ def test_variance_refuses_before_training_and_never_takes_exact_as_the_reference
     row = json.loads((out / "variance.json").read_text())["measurements"][0]
     assert row["ratio_reference"] == "rloo"  # exact has no variance to compare with
     assert row["estimators"]["rloo"]["groups"]["encoder"]["ratio_to_reparam"] == 1.0
+
+
+def _relaxed_config(estimator: str, **train) -> Config:
+    from conftest import tiny_config
+
+    cfg = tiny_config(estimator=estimator, epochs=1, **train)
+    cfg.model.latent, cfg.model.latent_dim, cfg.model.hidden_dims = "bernoulli", 6, [16]
+    cfg.validate()
+    return cfg
+
+
+@pytest.mark.parametrize("estimator,train", [
+    ("straight-through", {}), ("gumbel-softmax", {"temperature_final": 0.2}),
+    ("gumbel-softmax", {"num_particles": 3})])
+def test_relaxed_fast_path_trains_the_same_model_as_pyro(estimator, train):
+    """RelaxedDrawELBO (the estimator's draw_loss without Pyro's tracing) is chosen for the
+    relaxed estimators, and a run through it ends where the run through Pyro's RelaxedELBO
+    does, step for step: the same uniforms, the same annealed temperature."""
+    from conftest import small_dataset
+
+    from pyro_vae import fit
+
+    data = small_dataset(num_train=256, num_test=64)
+    runs = {}
+    for fast in (True, False):
+        cfg = _relaxed_config(estimator, fast_path=fast, **train)
+        runs[fast] = fit(cfg, dataset=data)
+    fast_params = dict(runs[True].vae.named_parameters())
+    for name, p in runs[False].vae.named_parameters():
+        torch.testing.assert_close(fast_params[name], p, rtol=1e-4, atol=1e-5)
+    for key in ("train_objective", "test_elbo"):
+        assert runs[True].metrics[0][key] == pytest.approx(runs[False].metrics[0][key],
+                                                           rel=1e-5)
+
+
+def test_relaxed_fast_path_is_chosen_only_where_it_reproduces_pyro():
+    from pyro_vae.inference.accelerators import choose_training_loss
+    from pyro_vae.inference.accelerators.fast_elbo import RelaxedDrawELBO
+
+    cfg = _relaxed_config("straight-through")
+    torch.manual_seed(0)
+    vae = VAE.from_config(cfg, (1, 28, 28))
+    x = (torch.rand(16, 784) < 0.4).float()
+    est = ESTIMATORS["straight-through"]
+    fast, choice = choose_training_loss(cfg, vae, est, x, 1000)
+    assert isinstance(fast, RelaxedDrawELBO) and choice.path == "RelaxedDrawELBO"
+    # a KL weight scales the program's latent sites, which draw_loss does not: Pyro trains
+    vae.kl_weight = 0.5
+    fast, choice = choose_training_loss(cfg, vae, est, x, 1000)
+    assert fast is None and "scaled by 0.5" in choice.reason
+    vae.kl_weight = 1.0
+    fast, choice = choose_training_loss(cfg, vae, est, x, 1000, rank=0, world_size=2)
+    assert fast is None and "data-parallel" in choice.reason

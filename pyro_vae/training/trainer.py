@@ -229,7 +229,7 @@ class Trainer:
                                    cfg.data.binarize)
         self.fast, choice = choose_training_loss(cfg, self.vae, estimator, probe,
                                                  len(self.dataset.train), self.workers.rank,
-                                                 self.workers.world_size)
+                                                 self.workers.world_size, elbo=self.elbo)
         self.paths: list[PathChoice] = [choice]
         # a poutine.scale of the user's own (not the KL weight) makes the objective another one
         self.vae.kl_weight = 1.0

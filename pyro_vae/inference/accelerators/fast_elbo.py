@@ -22,7 +22,7 @@ own rows, so a run gives the same result whatever the number of processes.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pyro.distributions as dist
 import torch
@@ -115,6 +115,52 @@ class FastELBO(nn.Module):
         return -elbo * scale_factor
 
 
+class RelaxedDrawELBO(nn.Module):
+    """Minus the relaxed objective of a minibatch as the relaxed estimators' Pyro ELBO
+    (:class:`~pyro_vae.inference.discrete.RelaxedELBO`) computes it, without Pyro's tracing.
+
+    The loss is the estimator's own ``draw_loss`` (its surrogate as a function of one draw of
+    noise, the function the variance lab differentiates) times the dataset size: for the
+    relaxed estimators the surrogate is pathwise, so its value is the objective and its
+    gradient Pyro's. The uniforms are drawn from the global generator as the relaxed guide
+    site's ``rsample`` draws them; the temperature and density are read from ``elbo`` at every
+    call, so an annealed temperature (``elbo.set_progress``) is followed.
+
+    Args:
+        vae: the model whose encoder, decoder and prior are used.
+        estimator: the registry entry (a ``relaxed`` surrogate with a ``draw_loss``).
+        elbo: the run's RelaxedELBO (its ``temperature`` and ``density``).
+        num_data: dataset size N; the minibatch terms are scaled by N / B (None: no scaling).
+        num_particles: K draws per image, averaged.
+    """
+
+    def __init__(self, vae: VAE, estimator: Estimator, elbo: object, num_data: int | None = None,
+                 num_particles: int = 1):
+        super().__init__()
+        self.vae = vae
+        self.estimator = estimator
+        self.elbo = elbo
+        self.num_data = num_data
+        self.num_particles = num_particles
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from ..estimators import Draw
+
+        vae = self.vae
+        with dist.validation_enabled(False):
+            q = vae.encoder(x)
+            shape = (*q.batch_shape, *q.event_shape)
+            # the numbers of the guide site's rsample (torch.rand of its shape, particles first)
+            noise = torch.rand((self.num_particles, *shape) if self.num_particles > 1 else shape,
+                               dtype=q.mean.dtype, device=x.device)
+            if self.num_particles == 1:
+                noise = noise.unsqueeze(0)
+            draw = Draw(x, q, noise, vae.decoder, vae.prior(), None, discrete=True,
+                        temperature=self.elbo.temperature, relaxed_density=self.elbo.density)
+            loss = self.estimator.draw_loss(draw)
+        return loss * (x.shape[0] if self.num_data is None else self.num_data)
+
+
 def _gradients(vae: VAE) -> list[torch.Tensor]:
     return [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
             for p in vae.parameters()]
@@ -153,11 +199,42 @@ def _verify(fast: FastELBO, elbo, vae: VAE, x: torch.Tensor, num_data: int | Non
     return None
 
 
+def _choose_relaxed(cfg: Config, vae: VAE, estimator: Estimator, x: torch.Tensor,
+                    num_data: int | None, world_size: int, elbo: object | None, generic: Any
+                    ) -> tuple[RelaxedDrawELBO | None, PathChoice]:
+    """:class:`RelaxedDrawELBO` where the program is one discrete latent site in one data
+    plate, unscaled, and a probe agrees with the estimator's Pyro ELBO."""
+    if world_size > 1:
+        return generic("data-parallel: the relaxed fast path draws one process's noise")
+    probe = x[:PROBE_IMAGES]
+    structure = inspect_program(vae, probe, num_data)
+    problem = one_latent_problem(structure, latent_scale=1.0)
+    if problem is None:
+        problem = infer_problem(structure.guide_sites[0])
+    if problem is not None:
+        return generic(problem)
+    elbo = elbo if elbo is not None else estimator.make_elbo(cfg)
+    particles = cfg.train.num_particles or 1
+    fast = RelaxedDrawELBO(vae, estimator, elbo, num_data, particles)
+    try:
+        problem = _verify(fast, estimator.make_elbo(cfg), vae, probe, num_data)
+    except Exception as e:  # noqa: BLE001 - an ELBO or program the probe cannot run: Pyro decides
+        problem = f"the probe failed ({type(e).__name__}: {str(e)[:80]})"
+    if problem is not None:
+        return generic(problem)
+    return fast, record(PathChoice(
+        "training loss", "RelaxedDrawELBO", f"one discrete latent site, relaxed; the estimator's "
+        f"draw_loss: loss and gradients equal {type(elbo).__name__} on a probe"))
+
+
 def choose_training_loss(cfg: Config, vae: VAE, estimator: Estimator, x: torch.Tensor,
-                         num_data: int | None, rank: int = 0, world_size: int = 1
-                         ) -> tuple[FastELBO | None, PathChoice]:
-    """:class:`FastELBO` where it reproduces ``estimator``'s Pyro ELBO for this program, else
-    None (train through Pyro); with the recorded choice.
+                         num_data: int | None, rank: int = 0, world_size: int = 1,
+                         elbo: object | None = None
+                         ) -> tuple[nn.Module | None, PathChoice]:
+    """:class:`FastELBO` (or, for the relaxed estimators, :class:`RelaxedDrawELBO`) where it
+    reproduces ``estimator``'s Pyro ELBO for this program, else None (train through Pyro);
+    with the recorded choice. ``elbo``: the run's Pyro ELBO, whose annealed temperature the
+    relaxed fast path follows (default: a new one from ``cfg``).
 
     Args:
         cfg: the run's config (``train.fast_path`` false forces Pyro).
@@ -174,6 +251,8 @@ def choose_training_loss(cfg: Config, vae: VAE, estimator: Estimator, x: torch.T
 
     if not getattr(cfg.train, "fast_path", True):
         return generic("--no-fast-path")
+    if estimator.surrogate == "relaxed" and estimator.draw_loss is not None:
+        return _choose_relaxed(cfg, vae, estimator, x, num_data, world_size, elbo, generic)
     if estimator.surrogate not in SURROGATES:
         return generic(f"estimator {estimator.name} has a {estimator.surrogate} surrogate")
     probe = x[:PROBE_IMAGES]
