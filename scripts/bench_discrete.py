@@ -41,9 +41,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="samples per image per draw (rloo and vimco take at least 2)")
     p.add_argument("--checkpoints", type=int, nargs="+", default=[0, 200, 1000])
     p.add_argument("--loop-draws", type=int, default=20)
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads (0: one per core, torch's default)")
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     from pyro_vae import VAE, Config, load_dataset
     from pyro_vae.config import DataConfig

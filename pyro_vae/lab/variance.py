@@ -335,13 +335,13 @@ def _bias(m: _Moments, names: list[str], ref: torch.Tensor, trace: float,
     and g. Intervals resample the chunks of draws (independent blocks) with replacement, from
     their Gram matrix, so no per-draw gradient is kept.
     """
-    sums = torch.cat([torch.stack(m.block_sums[k]).double() for k in names], 1)  # (M, P)
+    parts = [_block_parts(m, k) for k in names]  # per parameter, shared by its groups
     counts = torch.tensor(m.block_counts, dtype=torch.float64)
-    gram = sums @ sums.T
-    dots = sums @ ref
+    gram = sum(p[0] for p in parts)
+    dots = sum(p[1] for p in parts)
     ref2 = float(ref @ ref)
     r = m.count
-    shift2 = float(sums.sum(0).pow(2).sum()) / r ** 2
+    shift2 = sum(p[2] for p in parts) / r ** 2
     blocks = len(counts)
     picks = torch.randint(0, blocks, (num_bootstrap, blocks), generator=boot_generator)
     weights = torch.zeros(num_bootstrap, blocks, dtype=torch.float64).scatter_add_(
@@ -363,6 +363,17 @@ def _bias(m: _Moments, names: list[str], ref: torch.Tensor, trace: float,
             "relative_bias": max(shift2 - trace / r, 0.0) ** 0.5 / norm_ref,
             "cosine_ci": _interval(cos_b),
             "exact_norm": norm_ref}
+
+
+def _block_parts(m: _Moments, name: str) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """For one parameter's block sums S (blocks x entries, float64): the Gram matrix S S^T,
+    S . reference and |sum of S|^2; cached on ``m`` (a parameter is in several groups)."""
+    cache = m.__dict__.setdefault("_block_parts", {})
+    if name not in cache:
+        sums = torch.stack(m.block_sums[name]).double()
+        ref = m.reference[name].double().reshape(-1)
+        cache[name] = (sums @ sums.T, sums @ ref, float(sums.sum(0).pow(2).sum()))
+    return cache[name]
 
 
 def _interval(samples: torch.Tensor, level: float = 0.95) -> list[float]:

@@ -202,6 +202,10 @@ class CodeGradients:
         #: whether the decoder sees the noise itself (the score-function estimators' sampled
         #: codes): then later chunks skip step 1. Read off the first chunk.
         self._sees_noise: bool | None = None
+        #: whether the gradients depend on the value of ll (a learning signal) or only on its
+        #: derivative (pathwise relaxed surrogates): then soft codes skip the pixel-wide
+        #: softplus of ll. Read off the first chunk by moving ll and comparing.
+        self._ll_used: bool | None = None
 
         # the decoder, by hand
         self.layers: list[_Layer] = _layers("decoder.net", vae.decoder.net)
@@ -236,10 +240,11 @@ class CodeGradients:
         return {"inputs": inputs, "derivs": derivs, "probs": probs,
                 "probs_weight": probs @ self.layers[-1].weight, "log_px": log_px}
 
-    def _decoder_rows(self, z: torch.Tensor) -> dict[str, Any]:
+    def _decoder_rows(self, z: torch.Tensor, with_ll: bool = True) -> dict[str, Any]:
         """``z`` ``(n, K, B, *event)`` -> per row: layer inputs and derivatives, sigmoid of the
         logits, the backward vector at the last hidden layer (for a coefficient of 1) and
-        ``ll``, each with leading dims ``(n, K, B)``."""
+        ``ll``, each with leading dims ``(n, K, B)`` (``with_ll`` false: ll of soft codes is
+        left at 0, for an estimator that does not read its value)."""
         n, k, b = z.shape[:3]
         index = self._code_index(z) if self.table is not None else None
         if index is not None:
@@ -262,8 +267,11 @@ class CodeGradients:
         inputs, derivs, logits = self._forward(z.reshape(n * k * b, -1))
         shaped = lambda t: t.view(n, k, b, -1)  # noqa: E731
         # sum_p x_p l_p through the last layer: h . (x W_last) + x . b_last, no pass over pixels
-        ll = (shaped(inputs[-1]) * self._x_weight).sum(-1) + self._x_bias
-        ll -= torch.nn.functional.softplus(logits).view(n, k, b, -1).sum(-1)
+        if with_ll:
+            ll = (shaped(inputs[-1]) * self._x_weight).sum(-1) + self._x_bias
+            ll -= torch.nn.functional.softplus(logits).view(n, k, b, -1).sum(-1)
+        else:
+            ll = z.new_zeros(n, k, b)
         probs = torch.sigmoid_(logits)
         back = self._x_weight - shaped(probs @ self.layers[-1].weight)
         return {"inputs": [shaped(t) for t in inputs], "derivs": [shaped(t) for t in derivs],
@@ -304,12 +312,17 @@ class CodeGradients:
                 z = self._seen(self.logits, self.rest, noise)
                 if self._sees_noise is None:
                     self._sees_noise = torch.equal(z, noise)
-            rows = self._decoder_rows(z)
+            rows = self._decoder_rows(z, with_ll=self._ll_used is not False)
             if self._path:
                 jac = self._input_gradient(rows).view(n, k, b, *self.event_shape)
             else:  # no path from the logits to z: J is multiplied by zero
                 jac = torch.zeros_like(z)
         g_logits, g_rest, coef = self._scalar(self.logits, self.rest, rows["ll"], jac, noise)
+        if self._ll_used is None:  # does the estimator read ll's value, or only its gradient?
+            moved = self._scalar(self.logits, self.rest, rows["ll"] + 1.0, jac, noise)
+            self._ll_used = not all(torch.equal(a, b) for a, b in zip(
+                torch.utils._pytree.tree_leaves((g_logits, g_rest, coef)),
+                torch.utils._pytree.tree_leaves(moved), strict=True))
         with torch.no_grad():
             grads = self._decoder_gradients(rows, coef)
             (g_enc,) = vmap(self._pull_back)(g_logits)
