@@ -14,7 +14,9 @@ computation                  accelerator (structure it reproduces)      generic 
 training loss and gradients  :class:`FastELBO`: one latent site with a  the estimator's Pyro
                              diagonal Normal guide, pathwise, no         ELBO
                              infer options or extra scale, one          (``loss_and_grads``)
-                             observed site, one data plate
+                             observed site, one data plate;
+                             :class:`RelaxedDrawELBO`: the same with a
+                             discrete site and a relaxed estimator
 importance log-weights       :class:`BernoulliMLPWeights`: the same,    traces of the guide
                              plus an MLP decoder whose logits feed a    and the model
                              Bernoulli, binary x
@@ -22,7 +24,13 @@ gradient draws of the lab    ``hand`` (:class:`MLPGradients`: MLP        one Pyr
                              encoder with a diagonal Normal family,      ``loss_and_grads``
                              MLP decoder, Bernoulli, N(0, I) prior) and  per draw
                              ``func`` (any networks, diagonal Normal
-                             guide: ``torch.func.vmap``)
+                             guide: ``torch.func.vmap``); for a
+                             discrete code ``hand`` is
+                             :class:`CodeGradients` (Bernoulli or
+                             one-hot code, MLP decoder, Bernoulli
+                             likelihood) and ``func`` any networks
+exact gradient (discrete     :func:`exact_table_gradient`: the same      ``ExactELBO`` on the
+lab's oracle)                structure as :class:`CodeGradients`         program
 ===========================  =========================================  =====================
 """
 
@@ -120,9 +128,11 @@ def infer_problem(site: SiteInfo) -> str | None:
 
 
 from .bernoulli_mlp import BernoulliMLPWeights, choose_log_weights  # noqa: E402
-from .fast_elbo import FastELBO, choose_training_loss  # noqa: E402
+from .code_gradients import CodeGradients, exact_table_gradient  # noqa: E402
+from .fast_elbo import FastELBO, RelaxedDrawELBO, choose_training_loss  # noqa: E402
 from .mlp_gradients import MLPGradients  # noqa: E402
 
 __all__ = ["PathChoice", "record", "GENERIC", "LOG", "one_latent_problem",
            "diagonal_normal_problem", "infer_problem", "FastELBO", "choose_training_loss",
-           "BernoulliMLPWeights", "choose_log_weights", "MLPGradients"]
+           "BernoulliMLPWeights", "choose_log_weights", "MLPGradients", "CodeGradients",
+           "exact_table_gradient", "RelaxedDrawELBO"]
