@@ -6,9 +6,11 @@ gradient (a sum over the 1,024 codes) as oracle and R = 1000 draws of each unbia
 estimator (score, score-avg-baseline, rloo, vimco, gumbel-softmax, straight-through), each at
 its smallest number of samples per image (1; 2 for rloo and vimco). The plain loop is one
 Pyro ``loss_and_grads`` per draw (the lab's reference path), timed on ``--loop-draws`` draws
-per estimator and scaled to the experiment's count. Usage::
+per estimator and scaled to the experiment's count. The paths the experiment took (the
+accelerators chosen for the draws and the oracle) are printed with the timings. Usage::
 
-    python scripts/bench_discrete.py            # minutes on a shared 2-core CPU (docs/discrete.md)
+    python scripts/bench_discrete.py              # about 1.5 minutes on this 2-core CPU
+    python scripts/bench_discrete.py --threads 1  # one core (docs/discrete.md has both)
 """
 
 from __future__ import annotations

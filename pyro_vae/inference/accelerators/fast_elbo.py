@@ -199,6 +199,16 @@ def _verify(fast: FastELBO, elbo, vae: VAE, x: torch.Tensor, num_data: int | Non
     return None
 
 
+def _probe_problem(fast: nn.Module, cfg: Config, estimator: Estimator, vae: VAE,
+                   x: torch.Tensor, num_data: int | None) -> str | None:
+    """:func:`_verify` against a fresh copy of the estimator's Pyro ELBO; a probe that cannot
+    run is a reason too (Pyro then decides)."""
+    try:
+        return _verify(fast, estimator.make_elbo(cfg), vae, x, num_data)
+    except Exception as e:  # noqa: BLE001 - an ELBO or program the probe cannot run: Pyro decides
+        return f"the probe failed ({type(e).__name__}: {str(e)[:80]})"
+
+
 def _choose_relaxed(cfg: Config, vae: VAE, estimator: Estimator, x: torch.Tensor,
                     num_data: int | None, world_size: int, elbo: object | None, generic: Any
                     ) -> tuple[RelaxedDrawELBO | None, PathChoice]:
@@ -216,10 +226,7 @@ def _choose_relaxed(cfg: Config, vae: VAE, estimator: Estimator, x: torch.Tensor
     elbo = elbo if elbo is not None else estimator.make_elbo(cfg)
     particles = cfg.train.num_particles or 1
     fast = RelaxedDrawELBO(vae, estimator, elbo, num_data, particles)
-    try:
-        problem = _verify(fast, estimator.make_elbo(cfg), vae, probe, num_data)
-    except Exception as e:  # noqa: BLE001 - an ELBO or program the probe cannot run: Pyro decides
-        problem = f"the probe failed ({type(e).__name__}: {str(e)[:80]})"
+    problem = _probe_problem(fast, cfg, estimator, vae, probe, num_data)
     if problem is not None:
         return generic(problem)
     return fast, record(PathChoice(
@@ -268,10 +275,7 @@ def choose_training_loss(cfg: Config, vae: VAE, estimator: Estimator, x: torch.T
     analytic = SURROGATES[estimator.surrogate]
     particles = cfg.train.num_particles or 1
     check = FastELBO(vae, num_data, particles, analytic_kl=analytic)
-    try:
-        problem = _verify(check, estimator.make_elbo(cfg), vae, probe, num_data)
-    except Exception as e:  # noqa: BLE001 - an ELBO or program the probe cannot run: Pyro decides
-        problem = f"the probe failed ({type(e).__name__}: {str(e)[:80]})"
+    problem = _probe_problem(check, cfg, estimator, vae, probe, num_data)
     if problem is not None:
         return generic(problem)
     fast = FastELBO(vae, num_data, particles, analytic_kl=analytic, rank=rank,
