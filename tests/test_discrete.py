@@ -347,6 +347,7 @@ def test_code_kernel_reads_hard_codes_from_its_table_and_soft_ones_directly():
             for table in (True, False):
                 kernel = CodeGradients(vae, est, x, None, params, 0.6, table=table)
                 assert (kernel.table is not None) == table
+                kernel(noise)  # the first chunk: the facts read off it are used from then on
                 got = kernel(noise)
                 for p in want:
                     torch.testing.assert_close(got[p], want[p], rtol=1e-4, atol=1e-6)
@@ -554,3 +555,47 @@ def test_relaxed_fast_path_is_chosen_only_where_it_reproduces_pyro():
     vae.kl_weight = 1.0
     fast, choice = choose_training_loss(cfg, vae, est, x, 1000, rank=0, world_size=2)
     assert fast is None and "data-parallel" in choice.reason
+
+
+@pytest.mark.parametrize("latent", ["bernoulli", "categorical"])
+def test_codes_of_several_draws_follow_q(latent):
+    """Several draws' codes come from uniforms (Gumbel-max for one-hot groups), not from
+    q.sample(): their frequencies are q's probabilities within a few standard errors."""
+    from pyro_vae.inference.discrete import _unwrap
+    from pyro_vae.lab.discrete import discrete_noise
+
+    _, vae = tiny_vae(latent, "score")
+    x = images(4)
+    torch.manual_seed(3)
+    codes = discrete_noise(vae, ESTIMATORS["score"], x, 20000, 1)
+    with torch.no_grad():
+        probs = _unwrap(vae.encoder(x))[0].probs
+    freq = codes.mean((0, 1))
+    se = (probs * (1 - probs) / codes.shape[0]).sqrt()
+    assert freq.shape == probs.shape
+    assert bool(((freq - probs).abs() < 4.5 * se + 1e-6).all()), (freq - probs).abs().max()
+    if latent == "categorical":
+        assert bool((codes.sum(-1) == 1).all())
+
+
+def test_code_kernel_chunks_equal_one_call_per_chunk():
+    """The lab takes noise for several chunks at once (steps 1-3 shared); each chunk's
+    gradients equal those of the kernel called on that chunk alone."""
+    from pyro_vae.inference.accelerators.code_gradients import CodeGradients
+    from pyro_vae.lab.discrete import discrete_noise
+    from pyro_vae.lab.variance import _no_validation, measured_parameters
+
+    _, vae = tiny_vae("bernoulli", "score", d=4)
+    x = images(8)
+    params = {k: p.detach() for k, p in measured_parameters(vae).items()}
+    for name in ("vimco", "gumbel-softmax"):
+        est = ESTIMATORS[name]
+        with _no_validation():
+            noise = discrete_noise(vae, est, x, 11, 2)
+            kernel = CodeGradients(vae, est, x, None, params, 0.6)
+            parts = list(kernel.chunks(noise, 4))
+            assert [next(iter(p.values())).shape[0] for p in parts] == [4, 4, 3]
+            for i, part in enumerate(parts):
+                alone = kernel(noise[4 * i:4 * i + 4])
+                for k in alone:
+                    torch.testing.assert_close(part[k], alone[k], rtol=1e-5, atol=1e-7)

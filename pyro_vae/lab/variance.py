@@ -474,6 +474,9 @@ def _pyro_draws(vae: VAE, estimator: Estimator, x: torch.Tensor, params: dict[st
         vae.zero_grad(set_to_none=True)
 
 
+#: Chunks of draws whose noise the discrete ``hand`` path takes at once (see
+#: :meth:`~pyro_vae.inference.accelerators.code_gradients.CodeGradients.chunks`).
+DISCRETE_CHUNKS = 4
 #: Seed of the probe draw on which an accelerated path is compared with Pyro's.
 PROBE_SEED = 20261201
 #: Largest relative L2 difference between an accelerated probe draw and Pyro's (float32).
@@ -691,10 +694,20 @@ def gradient_draws(vae: VAE, estimator: Estimator | str, x: torch.Tensor, num_dr
         return
     if discrete_code(vae, x):
         detached = {k: p.detach() for k, p in params.items()}
+        if choice.path == "hand":
+            with _no_validation():
+                kernel = CodeGradients(vae, estimator, x, baseline, detached, *relaxation)
+            # noise for DISCRETE_CHUNKS chunks at a time: the kernel's per-call vmap work is
+            # shared by all of them, its products still run chunk by chunk (one draw per
+            # chunk keeps Pyro's numbers, draw for draw)
+            group = chunk_size * DISCRETE_CHUNKS if chunk_size > 1 else 1
+            for n in _chunks(num_draws, group):
+                noise = discrete_noise(vae, estimator, x, n, num_particles)
+                with _no_validation():
+                    yield from kernel.chunks(noise, chunk_size)
+            return
         with _no_validation():
-            per_draw = CodeGradients(vae, estimator, x, baseline, detached, *relaxation) \
-                if choice.path == "hand" else \
-                discrete_draws(vae, estimator, x, baseline, detached, *relaxation)
+            per_draw = discrete_draws(vae, estimator, x, baseline, detached, *relaxation)
         for n in _chunks(num_draws, chunk_size):
             noise = discrete_noise(vae, estimator, x, n, num_particles)
             with _no_validation():

@@ -42,7 +42,7 @@ once per code and the likelihood as a matrix product, instead of ``ExactELBO``'s
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import pyro.distributions as dist
@@ -202,9 +202,10 @@ class CodeGradients:
         #: whether the decoder sees the noise itself (the score-function estimators' sampled
         #: codes): then later chunks skip step 1. Read off the first chunk.
         self._sees_noise: bool | None = None
-        #: whether the gradients depend on the value of ll (a learning signal) or only on its
-        #: derivative (pathwise relaxed surrogates): then soft codes skip the pixel-wide
-        #: softplus of ll. Read off the first chunk by moving ll and comparing.
+        #: whether the gradients depend on the value of ll (a learning signal, importance
+        #: weights) or only on its derivative (pathwise relaxed surrogates): then soft codes
+        #: skip the pixel-wide softplus of ll. Read off the first chunk by moving each row's
+        #: ll by a different amount and comparing.
         self._ll_used: bool | None = None
 
         # the decoder, by hand
@@ -258,9 +259,10 @@ class CodeGradients:
                 return torch.index_select(m, 0, flat, out=out).view(n, k, b, -1)
 
             images = torch.arange(b, device=z.device) * t["log_px"].shape[1]
+            # the pixel-wide probabilities are gathered later, a sub-chunk at a time
             return {"inputs": [gather(m) for m in t["inputs"]],
                     "derivs": [gather(m) for m in t["derivs"]],
-                    "probs": gather(t["probs"]),
+                    "index": index,
                     "back": self._x_weight - gather(t["probs_weight"]),
                     "ll": t["log_px"].reshape(-1)[index + images]}
         # one 2-d product per layer (a 4-d matmul runs at half the rate on CPU)
@@ -280,6 +282,16 @@ class CodeGradients:
     def _code_index(self, z: torch.Tensor) -> torch.Tensor | None:
         return _code_index(z, self.base, self.code_dims)
 
+    def _probs(self, rows: dict[str, Any]) -> torch.Tensor:
+        """sigmoid of the rows' logits, ``(n, K, B, pixels)`` (gathered from the table)."""
+        if "probs" in rows:
+            return rows["probs"]
+        index = rows["index"]
+        flat = index.reshape(-1)
+        table = self.table["probs"]
+        out = table.new_empty(flat.shape[0], table.shape[1])
+        return torch.index_select(table, 0, flat, out=out).view(*index.shape, -1)
+
     def _input_gradient(self, rows: dict[str, Any]) -> torch.Tensor:
         """J = d ll / d z per row, from the backward vector at the last hidden layer."""
         g = rows["back"]
@@ -289,8 +301,15 @@ class CodeGradients:
 
     # -- the draws --------------------------------------------------------------------------------
     def __call__(self, noise: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The gradients of the draws of ``noise`` ``(draws, particles, batch, *event)``."""
+        return next(iter(self.chunks(noise, noise.shape[0])))
+
+    def chunks(self, noise: torch.Tensor, size: int) -> Iterator[dict[str, torch.Tensor]]:
+        """The gradients of the draws of ``noise``, ``size`` draws at a time. Steps 1-3 run
+        once for all of them (their cost is mostly ``vmap``'s per call); the heavy products of
+        step 4 run per ``size`` draws, whose rows and gradients stay in cache."""
         with torch.autocast(noise.device.type, enabled=False):
-            return self._draws(noise)
+            yield from self._draws(noise, size)
 
     def _depends_on_logits(self, noise: torch.Tensor) -> bool:
         """Whether the code the decoder sees carries a gradient to the logits (relaxed
@@ -301,7 +320,7 @@ class CodeGradients:
             self.logits)
         return bool((g != 0).any())
 
-    def _draws(self, noise: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _draws(self, noise: torch.Tensor, size: int) -> Iterator[dict[str, torch.Tensor]]:
         n, k, b = noise.shape[:3]
         if self._path is None:
             self._path = self._depends_on_logits(noise)
@@ -312,22 +331,31 @@ class CodeGradients:
                 z = self._seen(self.logits, self.rest, noise)
                 if self._sees_noise is None:
                     self._sees_noise = torch.equal(z, noise)
-            rows = self._decoder_rows(z, with_ll=self._ll_used is not False)
+            parts = [(a, min(a + size, n)) for a in range(0, n, size)]
+            rows = [self._decoder_rows(z[a:e], with_ll=self._ll_used is not False)
+                    for a, e in parts]
+            ll = torch.cat([r["ll"] for r in rows])
             if self._path:
-                jac = self._input_gradient(rows).view(n, k, b, *self.event_shape)
+                jac = torch.cat([self._input_gradient(r) for r in rows]).view(
+                    n, k, b, *self.event_shape)
             else:  # no path from the logits to z: J is multiplied by zero
                 jac = torch.zeros_like(z)
-        g_logits, g_rest, coef = self._scalar(self.logits, self.rest, rows["ll"], jac, noise)
+        g_logits, g_rest, coef = self._scalar(self.logits, self.rest, ll, jac, noise)
         if self._ll_used is None:  # does the estimator read ll's value, or only its gradient?
-            moved = self._scalar(self.logits, self.rest, rows["ll"] + 1.0, jac, noise)
+            # moved by a different amount per row: a uniform shift would leave the weights of a
+            # multi-sample bound (a softmax over the particles) unchanged
+            shift = torch.rand(ll.shape, generator=torch.Generator().manual_seed(0)).to(ll)
+            moved = self._scalar(self.logits, self.rest, ll + 1.0 + shift, jac, noise)
             self._ll_used = not all(torch.equal(a, b) for a, b in zip(
                 torch.utils._pytree.tree_leaves((g_logits, g_rest, coef)),
                 torch.utils._pytree.tree_leaves(moved), strict=True))
-        with torch.no_grad():
-            grads = self._decoder_gradients(rows, coef)
-            (g_enc,) = vmap(self._pull_back)(g_logits)
-        out = {**{f"encoder.{name}": v for name, v in g_enc.items()}, **g_rest, **grads}
-        return {name: out[name] for name in self.names}
+        for (a, e), part in zip(parts, rows, strict=True):
+            with torch.no_grad():
+                grads = self._decoder_gradients(part, coef[a:e])
+                (g_enc,) = vmap(self._pull_back)(g_logits[a:e])
+            out = {**{f"encoder.{name}": v for name, v in g_enc.items()},
+                   **{name: v[a:e] for name, v in g_rest.items()}, **grads}
+            yield {name: out[name] for name in self.names}
 
     def _decoder_gradients(self, rows: dict[str, Any], coef: torch.Tensor
                            ) -> dict[str, torch.Tensor]:
@@ -339,7 +367,7 @@ class CodeGradients:
         grads: dict[str, torch.Tensor] = {}
         # the logits' cotangent c (x - sigmoid(l)), in place over the rows' probabilities (the
         # caller's rows are not used again)
-        g = rows["probs"].sub_(self.x).mul_(-c).view(n, k * b, -1)
+        g = self._probs(rows).sub_(self.x).mul_(-c).view(n, k * b, -1)
         back = (c * rows["back"]).view(n, k * b, -1)  # = g W_last, from the tables
         for i in range(len(self.layers) - 1, -1, -1):
             layer = self.layers[i]
