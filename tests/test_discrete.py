@@ -557,27 +557,6 @@ def test_relaxed_fast_path_is_chosen_only_where_it_reproduces_pyro():
     assert fast is None and "data-parallel" in choice.reason
 
 
-@pytest.mark.parametrize("latent", ["bernoulli", "categorical"])
-def test_codes_of_several_draws_follow_q(latent):
-    """Several draws' codes come from uniforms (Gumbel-max for one-hot groups), not from
-    q.sample(): their frequencies are q's probabilities within a few standard errors."""
-    from pyro_vae.inference.discrete import _unwrap
-    from pyro_vae.lab.discrete import discrete_noise
-
-    _, vae = tiny_vae(latent, "score")
-    x = images(4)
-    torch.manual_seed(3)
-    codes = discrete_noise(vae, ESTIMATORS["score"], x, 20000, 1)
-    with torch.no_grad():
-        probs = _unwrap(vae.encoder(x))[0].probs
-    freq = codes.mean((0, 1))
-    se = (probs * (1 - probs) / codes.shape[0]).sqrt()
-    assert freq.shape == probs.shape
-    assert bool(((freq - probs).abs() < 4.5 * se + 1e-6).all()), (freq - probs).abs().max()
-    if latent == "categorical":
-        assert bool((codes.sum(-1) == 1).all())
-
-
 def test_code_kernel_chunks_equal_one_call_per_chunk():
     """The lab takes noise for several chunks at once (steps 1-3 shared); each chunk's
     gradients equal those of the kernel called on that chunk alone."""
