@@ -351,11 +351,13 @@ class CodeGradients:
                 torch.utils._pytree.tree_leaves(moved), strict=True))
         for (a, e), part in zip(parts, rows, strict=True):
             with torch.no_grad():
-                grads = self._decoder_gradients(part, coef[a:e])
                 (g_enc,) = vmap(self._pull_back)(g_logits[a:e])
-            out = {**{f"encoder.{name}": v for name, v in g_enc.items()},
-                   **{name: v[a:e] for name, v in g_rest.items()}, **grads}
-            yield {name: out[name] for name in self.names}
+                grads = self._decoder_gradients(part, coef[a:e])
+            # the newest first: the consumer's first pass over them then finds them in cache
+            out = {**grads, **{f"encoder.{name}": v for name, v in g_enc.items()},
+                   **{name: v[a:e] for name, v in g_rest.items()}}
+            order = [*grads, *(name for name in self.names if name not in grads)]
+            yield {name: out[name] for name in order}
 
     def _decoder_gradients(self, rows: dict[str, Any], coef: torch.Tensor
                            ) -> dict[str, torch.Tensor]:
