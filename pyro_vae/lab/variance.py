@@ -474,9 +474,9 @@ def _pyro_draws(vae: VAE, estimator: Estimator, x: torch.Tensor, params: dict[st
         vae.zero_grad(set_to_none=True)
 
 
-#: Chunks of draws whose noise the discrete ``hand`` path takes at once (see
+#: Draws whose noise the discrete ``hand`` path takes at once, a chunk at a time (see
 #: :meth:`~pyro_vae.inference.accelerators.code_gradients.CodeGradients.chunks`).
-DISCRETE_CHUNKS = 4
+DISCRETE_GROUP = 100
 #: Seed of the probe draw on which an accelerated path is compared with Pyro's.
 PROBE_SEED = 20261201
 #: Largest relative L2 difference between an accelerated probe draw and Pyro's (float32).
@@ -697,10 +697,10 @@ def gradient_draws(vae: VAE, estimator: Estimator | str, x: torch.Tensor, num_dr
         if choice.path == "hand":
             with _no_validation():
                 kernel = CodeGradients(vae, estimator, x, baseline, detached, *relaxation)
-            # noise for DISCRETE_CHUNKS chunks at a time: the kernel's per-call vmap work is
+            # noise for DISCRETE_GROUP draws at a time: the kernel's per-call vmap work is
             # shared by all of them, its products still run chunk by chunk (one draw per
             # chunk keeps Pyro's numbers, draw for draw)
-            group = chunk_size * DISCRETE_CHUNKS if chunk_size > 1 else 1
+            group = max(chunk_size, DISCRETE_GROUP) if chunk_size > 1 else 1
             for n in _chunks(num_draws, group):
                 noise = discrete_noise(vae, estimator, x, n, num_particles)
                 with _no_validation():
