@@ -578,3 +578,31 @@ def test_code_kernel_chunks_equal_one_call_per_chunk():
                 alone = kernel(noise[4 * i:4 * i + 4])
                 for k in alone:
                     torch.testing.assert_close(part[k], alone[k], rtol=1e-5, atol=1e-7)
+
+
+def test_code_kernel_runs_in_float32_under_a_bf16_autocast():
+    """The CLI measures under a bf16 autocast (--draw-precision bf16); the discrete kernel
+    builds its tables and draws in float32 all the same, so its probe passes and its draws
+    equal those made without autocast; the caller's autocast is left as it was."""
+    from pyro_vae.inference.accelerators.code_gradients import CodeGradients
+    from pyro_vae.lab.discrete import discrete_noise
+    from pyro_vae.lab.variance import _no_validation, choose_draws, measured_parameters
+
+    _, vae = tiny_vae("bernoulli", "score", d=4)
+    x = images(8)
+    params = {k: p.detach() for k, p in measured_parameters(vae).items()}
+    for name in ("score", "straight-through", "gumbel-softmax"):
+        est = ESTIMATORS[name]
+        with _no_validation():
+            noise = discrete_noise(vae, est, x, 6, 1)
+            want = CodeGradients(vae, est, x, None, params, 0.6)(noise)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                assert choose_draws(vae, est, x, 1, None, relaxation=(0.6, "discrete")
+                                    ).path == "hand"
+                kernel = CodeGradients(vae, est, x, None, params, 0.6)
+                parts = list(kernel.chunks(noise, 4))
+                assert torch.is_autocast_enabled("cpu")
+        got = {k: torch.cat([p[k] for p in parts]) for k in want}
+        for k in want:
+            assert got[k].dtype == torch.float32
+            torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-7)

@@ -139,6 +139,15 @@ class CodeGradients:
                  baseline: torch.Tensor | None, params: dict[str, torch.Tensor],
                  temperature: float = 1.0, relaxed_density: str = "discrete",
                  table: bool = True):
+        # the shared encoder pass and the tables in float32 whatever autocast the caller runs
+        # under (under a bf16 autocast they would be made in bf16)
+        with torch.autocast(x.device.type, enabled=False):
+            self._setup(vae, estimator, x, baseline, params, temperature, relaxed_density,
+                        table)
+
+    def _setup(self, vae: nn.Module, estimator: Estimator, x: torch.Tensor,
+               baseline: torch.Tensor | None, params: dict[str, torch.Tensor],
+               temperature: float, relaxed_density: str, table: bool) -> None:
         from ..estimators import Draw
 
         self.x = x
@@ -156,8 +165,7 @@ class CodeGradients:
         def encode(p: dict[str, torch.Tensor]) -> torch.Tensor:
             return _unwrap(functional_call(vae.encoder, p, (x,)))[0].logits
 
-        with torch.autocast(x.device.type, enabled=False):
-            self.logits, self._pull_back = vjp(encode, enc)
+        self.logits, self._pull_back = vjp(encode, enc)
 
         def make_q(logits: torch.Tensor) -> Any:
             return base_type(logits=logits, validate_args=False).to_event(ndims)
@@ -308,8 +316,15 @@ class CodeGradients:
         """The gradients of the draws of ``noise``, ``size`` draws at a time. Steps 1-3 run
         once for all of them (their cost is mostly ``vmap``'s per call); the heavy products of
         step 4 run per ``size`` draws, whose rows and gradients stay in cache."""
-        with torch.autocast(noise.device.type, enabled=False):
-            yield from self._draws(noise, size)
+        # float32 whatever autocast the caller runs under; the context is entered and left
+        # around each step, never held across a yield (autocast's state is per thread)
+        steps = self._draws(noise, size)
+        while True:
+            with torch.autocast(noise.device.type, enabled=False):
+                out = next(steps, None)
+            if out is None:
+                return
+            yield out
 
     def _depends_on_logits(self, noise: torch.Tensor) -> bool:
         """Whether the code the decoder sees carries a gradient to the logits (relaxed
@@ -389,8 +404,8 @@ def exact_table_gradient(vae: nn.Module, x: torch.Tensor, params: dict[str, torc
     """The exact gradient of the per-image negative ELBO, summed over the code table with the
     decoder run once per code and ``log p(x_i|c)`` for all images and codes as one matrix
     product (for a program for which :func:`unsupported_reason` is None; the lab compares it
-    with ``ExactELBO`` on a few images before using it)."""
-    with torch.enable_grad():
+    with ``ExactELBO`` on a few images before using it). Float32 whatever the autocast."""
+    with torch.enable_grad(), torch.autocast(x.device.type, enabled=False):
         q = vae.encoder(x)
         codes = code_table(q, device=x.device)  # (C, *event)
         log_q = q.log_prob(codes.unsqueeze(1))  # (C, B)
