@@ -507,7 +507,7 @@ def test_variance_refuses_before_training_and_never_takes_exact_as_the_reference
 def _relaxed_config(estimator: str, **train) -> Config:
     from conftest import tiny_config
 
-    cfg = tiny_config(estimator=estimator, epochs=1, **train)
+    cfg = tiny_config(estimator=estimator, **{"epochs": 1, **train})
     cfg.model.latent, cfg.model.latent_dim, cfg.model.hidden_dims = "bernoulli", 6, [16]
     cfg.validate()
     return cfg
@@ -515,7 +515,11 @@ def _relaxed_config(estimator: str, **train) -> Config:
 
 @pytest.mark.parametrize("estimator,train", [
     ("straight-through", {}), ("gumbel-softmax", {"temperature_final": 0.2}),
-    ("gumbel-softmax", {"num_particles": 3})])
+    ("gumbel-softmax", {"num_particles": 3}),
+    # torch's RelaxedBernoulli clips at the smallest float, not at eps: at low temperatures
+    # the Concrete density tells the two apart
+    ("gumbel-softmax", {"temperature_final": 0.05, "relaxed_density": "concrete",
+                        "epochs": 2})])
 def test_relaxed_fast_path_trains_the_same_model_as_pyro(estimator, train):
     """RelaxedDrawELBO (the estimator's draw_loss without Pyro's tracing) is chosen for the
     relaxed estimators, and a run through it ends where the run through Pyro's RelaxedELBO
@@ -555,6 +559,11 @@ def test_relaxed_fast_path_is_chosen_only_where_it_reproduces_pyro():
     vae.kl_weight = 1.0
     fast, choice = choose_training_loss(cfg, vae, est, x, 1000, rank=0, world_size=2)
     assert fast is None and "data-parallel" in choice.reason
+    # a warm-up whose first weight is 1 by chance still changes the weight later
+    for train in ({"beta": 4.0, "kl_warmup_epochs": 1}, {"beta": 2.0}):
+        weighted = _relaxed_config("straight-through", **train)
+        fast, choice = choose_training_loss(weighted, vae, est, x, 1000)
+        assert fast is None and "KL weight" in choice.reason
 
 
 def test_code_kernel_chunks_equal_one_call_per_chunk():
@@ -619,3 +628,44 @@ def test_exact_estimator_sits_on_the_oracle_at_the_clis_bf16_precision():
                                     precision="bf16")
     exact = res["estimators"]["exact"]["groups"]["encoder"]
     assert exact["relative_error"] < 1e-5
+
+
+def test_code_kernel_keeps_the_path_of_a_relaxed_code_whose_first_draw_saturates():
+    """A confident encoder at a low temperature makes Concrete samples whose every entry is
+    clamped, with no gradient to the logits: the kernel still keeps J for a relaxed code (a
+    code that is not the noise), so the later, unsaturated draws equal Pyro's."""
+    from pyro_vae.lab.variance import gradient_draws
+
+    _, vae = tiny_vae("bernoulli", "straight-through")
+    with torch.no_grad():
+        for p in vae.encoder.parameters():
+            p.mul_(6)
+    x = images(2)
+    torch.manual_seed(3)
+    paths = []
+    fast = list(gradient_draws(vae, "straight-through", x, 6, chunk_size=1, paths=paths,
+                               relaxation=(0.05, "discrete")))
+    torch.manual_seed(3)
+    slow = list(gradient_draws(vae, "straight-through", x, 6, vectorized=False,
+                               relaxation=(0.05, "discrete")))
+    assert paths[0].path == "hand"
+    for a, b in zip(fast, slow):
+        for param in b:
+            scale = b[param].abs().max().item()
+            torch.testing.assert_close(a[param], b[param], rtol=1e-3, atol=1e-4 * scale)
+
+
+def test_codes_are_drawn_from_float32_q_under_a_bf16_autocast():
+    """The lab's noise comes from q in float32 (the kernel scores the codes in float32) even
+    when the caller measures under bf16 autocast."""
+    from pyro_vae.lab.discrete import discrete_noise
+
+    _, vae = tiny_vae("bernoulli", "score")
+    x = images(4)
+    torch.manual_seed(0)
+    want = discrete_noise(vae, ESTIMATORS["score"], x, 3, 1)
+    torch.manual_seed(0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = discrete_noise(vae, ESTIMATORS["score"], x, 3, 1)
+    assert got.dtype == torch.float32
+    assert torch.equal(got, want)

@@ -181,11 +181,14 @@ def relax(fn: torch.distributions.Distribution, temperature: float,
 
 
 def concrete_sample(q: torch.distributions.Distribution, uniforms: torch.Tensor,
-                    temperature: float) -> torch.Tensor:
-    """The relaxed sample that ``relax(q, temperature).rsample()`` makes from ``uniforms`` (the
-    numbers its ``torch.rand`` call would return): the same operations as torch's
-    ``LogitRelaxedBernoulli`` + sigmoid and ``ExpRelaxedCategorical`` + exp, so that the
-    variance lab's vectorized draws equal Pyro's draw for draw."""
+                    temperature: float, straight_through: bool = False) -> torch.Tensor:
+    """The relaxed sample that ``relax(q, temperature, straight_through).rsample()`` makes from
+    ``uniforms`` (the numbers its ``torch.rand`` call would return): the same operations as
+    torch's ``LogitRelaxedBernoulli`` + sigmoid and ``ExpRelaxedCategorical`` + exp, and the
+    same clamping, so that the variance lab's vectorized draws and the relaxed training fast
+    path equal Pyro's draw for draw. (torch's ``RelaxedBernoulli`` clips its sigmoid at the
+    smallest normal float, Pyro's straight-through classes clamp at the float's eps: a
+    Concrete density scores the two differently once the temperature is low.)"""
     base, _ = _unwrap(q)
     u = clamp_probs(uniforms)
     if isinstance(base, torch.distributions.OneHotCategorical):
@@ -194,7 +197,10 @@ def concrete_sample(q: torch.distributions.Distribution, uniforms: torch.Tensor,
         return clamp_probs((scores - scores.logsumexp(-1, keepdim=True)).exp())
     probs = clamp_probs(base.probs)
     y = (u.log() - (-u).log1p() + probs.log() - (-probs).log1p()) / temperature
-    return clamp_probs(torch.sigmoid(y))
+    if straight_through:
+        return clamp_probs(torch.sigmoid(y))
+    finfo = torch.finfo(y.dtype)  # torch's SigmoidTransform
+    return torch.clamp(torch.sigmoid(y), min=finfo.tiny, max=1.0 - finfo.eps)
 
 
 def straight_through_code(soft: torch.Tensor, q: torch.distributions.Distribution

@@ -441,7 +441,7 @@ def _draw_rloo(d: Draw) -> torch.Tensor:
 def _draw_relaxed(d: Draw, straight_through: bool) -> torch.Tensor:
     # RelaxedELBO's surrogate: the Concrete sample from the uniforms Pyro's rsample would
     # draw, scored (at the relaxed value) by the relaxations of q and the prior
-    soft = concrete_sample(d.q, d.eps, d.temperature)
+    soft = concrete_sample(d.q, d.eps, d.temperature, straight_through)
     z = straight_through_code(soft, d.q) if straight_through else soft
     q_r = relax(d.q, d.temperature, density=d.relaxed_density)
     p_r = relax(d.prior, d.temperature, density=d.relaxed_density)

@@ -206,7 +206,9 @@ class CodeGradients:
         self._seen = vmap(seen, in_dims=(None, None, 0), randomness="error")
         self._scalar = vmap(grad(linearised, argnums=(0, 1, 2)),
                             in_dims=(None, None, 0, 0, 0), randomness="error")
-        self._path: bool | None = None  # whether the decoder's input depends on the logits
+        #: whether the decoder's input may depend on the logits: a code that is not the noise
+        #: itself, or one whose gradient to the logits is not zero on the first chunk
+        self._path: bool | None = None
         #: whether the decoder sees the noise itself (the score-function estimators' sampled
         #: codes): then later chunks skip step 1. Read off the first chunk.
         self._sees_noise: bool | None = None
@@ -337,8 +339,6 @@ class CodeGradients:
 
     def _draws(self, noise: torch.Tensor, size: int) -> Iterator[dict[str, torch.Tensor]]:
         n, k, b = noise.shape[:3]
-        if self._path is None:
-            self._path = self._depends_on_logits(noise)
         with torch.no_grad():
             if self._sees_noise:  # checked on the first chunk: the code is the noise itself
                 z = noise
@@ -346,6 +346,11 @@ class CodeGradients:
                 z = self._seen(self.logits, self.rest, noise)
                 if self._sees_noise is None:
                     self._sees_noise = torch.equal(z, noise)
+        if self._path is None:
+            # a code computed from the logits (a relaxation) keeps J whatever one draw shows:
+            # a saturated Concrete sample has a zero gradient there, other draws do not
+            self._path = not self._sees_noise or self._depends_on_logits(noise)
+        with torch.no_grad():
             parts = [(a, min(a + size, n)) for a in range(0, n, size)]
             rows = [self._decoder_rows(z[a:e], with_ll=self._ll_used is not False)
                     for a, e in parts]

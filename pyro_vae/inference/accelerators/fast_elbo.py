@@ -216,6 +216,10 @@ def _choose_relaxed(cfg: Config, vae: VAE, estimator: Estimator, x: torch.Tensor
     plate, unscaled, and a probe agrees with the estimator's Pyro ELBO."""
     if world_size > 1:
         return generic("data-parallel: the relaxed fast path draws one process's noise")
+    if cfg.train.beta != 1.0 or cfg.train.kl_warmup_epochs:
+        # draw_loss has no KL weight, and a warm-up's first weight may be 1 by chance
+        return generic("a KL weight (--beta or --kl-warmup-epochs) scales the latent sites, "
+                       "which the relaxed fast path does not")
     probe = x[:PROBE_IMAGES]
     structure = inspect_program(vae, probe, num_data)
     problem = one_latent_problem(structure, latent_scale=1.0)
