@@ -353,12 +353,17 @@ def _plate_scale(model_trace: poutine.Trace) -> float:
     return 1.0
 
 
+def _others_mean(log_w: torch.Tensor) -> torch.Tensor:
+    """For each of K samples, the mean of the other K - 1 log-weights, ``(K, batch)``."""
+    return (log_w.sum(0, keepdim=True) - log_w) / (log_w.shape[0] - 1)
+
+
 def leave_one_out_bounds(log_w: torch.Tensor) -> torch.Tensor:
     """VIMCO's baselines: for each k, the K-sample bound with log w_k replaced by the mean of
     the other K - 1 log-weights (Mnih & Rezende 2016, eq. 9 with the geometric mean),
     ``(K, batch)`` from ``(K, batch)``."""
     k = log_w.shape[0]
-    others_mean = (log_w.sum(0, keepdim=True) - log_w) / (k - 1)  # (K, batch)
+    others_mean = _others_mean(log_w)  # (K, batch)
     eye = torch.eye(k, dtype=torch.bool, device=log_w.device).unsqueeze(-1)  # (K, K, 1)
     replaced = torch.where(eye, others_mean.unsqueeze(1), log_w.unsqueeze(0))  # row k: k swapped
     return torch.logsumexp(replaced, dim=1) - math.log(k)
@@ -396,8 +401,7 @@ def rloo_surrogate(log_w: torch.Tensor, log_p: torch.Tensor, log_q: torch.Tensor
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """The mean ELBO estimate and the RLOO surrogate per image from ``(K, batch)`` log-weights,
     model and guide log-densities (:class:`RLOO_ELBO`)."""
-    k = log_w.shape[0]
-    baseline = (log_w.sum(0, keepdim=True) - log_w) / (k - 1)
+    baseline = _others_mean(log_w)
     return log_w.mean(0), (log_p + (log_w - baseline).detach() * log_q).mean(0)
 
 

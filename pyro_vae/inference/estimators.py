@@ -333,18 +333,15 @@ def _rloo_elbo(cfg: Config) -> ELBO:
     return RLOO_ELBO(num_particles=cfg.train.num_particles or ESTIMATORS["rloo"].default_particles)
 
 
-def _relaxed_elbo(cfg: Config) -> ELBO:
+def _relaxed_elbo(cfg: Config, straight_through: bool = False) -> ELBO:
     return RelaxedELBO(cfg.train.temperature, cfg.train.temperature_final,
-                       density=cfg.train.relaxed_density,
+                       straight_through=straight_through, density=cfg.train.relaxed_density,
                        num_particles=cfg.train.num_particles or 1, vectorize_particles=True,
                        max_plate_nesting=1)
 
 
 def _straight_through_elbo(cfg: Config) -> ELBO:
-    return RelaxedELBO(cfg.train.temperature, cfg.train.temperature_final,
-                       straight_through=True, density=cfg.train.relaxed_density,
-                       num_particles=cfg.train.num_particles or 1,
-                       vectorize_particles=True, max_plate_nesting=1)
+    return _relaxed_elbo(cfg, straight_through=True)
 
 
 def _exact_elbo(cfg: Config) -> ELBO:
@@ -539,6 +536,13 @@ class Estimator:
     needs_rsample: bool = False
 
     @property
+    def optimizes_bound(self) -> bool:
+        """Whether the objective is the K-sample importance-weighted bound, not the ELBO
+        (iwae, dreg, vimco): it has no KL term for a KL weight to scale."""
+        return self.surrogate in ("importance-weighted", "doubly-reparametrized",
+                                  "multi-sample-score")
+
+    @property
     def score_function(self) -> bool:
         """Whether the encoder's gradient uses the score function (REINFORCE)."""
         return self.surrogate == "score-function"
@@ -558,8 +562,7 @@ class Estimator:
                 raise ConfigError(f"estimator {self.name} needs a closed-form KL, which prior "
                                   f"{cfg.model.prior} does not have; use "
                                   f"train.estimator=\"reparam\"")
-        if self.surrogate in ("importance-weighted", "doubly-reparametrized",
-                              "multi-sample-score") and (
+        if self.optimizes_bound and (
                 cfg.train.beta != 1.0 or cfg.train.kl_warmup_epochs):
             raise ConfigError(f"estimator {self.name} optimizes the importance-weighted bound, "
                               f"which has no KL term for train.beta or "

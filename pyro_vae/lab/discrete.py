@@ -19,10 +19,10 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch.func import functional_call, grad, vjp, vmap
+from torch.func import functional_call, grad, vmap
 
-from ..inference.accelerators import PathChoice, record
-from ..inference.accelerators.code_gradients import exact_table_gradient
+from ..inference.accelerators import PathChoice, record, relative_difference
+from ..inference.accelerators.code_gradients import exact_table_gradient, shared_code_encoder
 from ..inference.accelerators.code_gradients import unsupported_reason as code_unsupported_reason
 from ..inference.discrete import ExactELBO, _unwrap, is_discrete
 from ..inference.estimators import Draw, Estimator
@@ -75,9 +75,7 @@ def exact_oracle(vae: VAE, x: torch.Tensor, params: dict[str, torch.Tensor],
         few = x[:ORACLE_PROBE_IMAGES]
         want = exact_gradient(vae, few, params)
         got = exact_table_gradient(vae, few, params)
-        diff = sum(float((got[k] - want[k]).pow(2).sum()) for k in want)
-        norm = sum(float(want[k].pow(2).sum()) for k in want)
-        rel = (diff / max(norm, 1e-30)) ** 0.5
+        rel = relative_difference(got, want)
         if rel <= ORACLE_TOLERANCE:
             choice = PathChoice("oracle", "table", f"sum over every code with the decoder run "
                                 f"once per code and the likelihood as a matrix product; equal "
@@ -152,22 +150,10 @@ def discrete_draws(vae: VAE, estimator: Estimator, x: torch.Tensor,
     pixels (two fused element-wise passes instead of the dozen of the general binary cross-
     entropy, which dominate a draw's time); the caller's probe against Pyro covers it.
     """
-    enc = {k[len("encoder."):]: v for k, v in params.items() if k.startswith("encoder.")}
     rest = {k: v for k, v in params.items() if not k.startswith("encoder.")}
-    with torch.no_grad():
-        template = vae.encoder(x)
-    base, ndims = _unwrap(template)
-
-    def encode(p: dict[str, torch.Tensor]) -> torch.Tensor:
-        return _unwrap(functional_call(vae.encoder, p, (x,)))[0].logits
-
-    # the shared encoder pass in float32 whatever autocast the draws run under: it is done
-    # once, and its logits feed every draw's densities
-    with torch.autocast(x.device.type, enabled=False):
-        logits, pull_back = vjp(encode, enc)
-
-    def make_q(logits: torch.Tensor) -> Any:
-        return type(base)(logits=logits, validate_args=False).to_event(ndims)
+    # the shared encoder pass (float32 whatever autocast the draws run under): done once, its
+    # logits feed every draw's densities
+    _, logits, pull_back, make_q = shared_code_encoder(vae, x, params)
 
     decoder = _fast_bernoulli_decoder(vae, x) if fast_likelihood else None
 

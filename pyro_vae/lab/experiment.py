@@ -21,7 +21,7 @@ from ..inference.estimators import example_posterior
 from ..models.vae import VAE
 from ..registry import ESTIMATORS
 from ..training.trainer import Trainer, _param_store_extras, epoch_order
-from .variance import measure_gradient_variance
+from .variance import check_applicable, measure_gradient_variance
 
 
 def fixed_minibatch(dataset: Any, cfg: Any, batch_size: int, seed: int = 0) -> torch.Tensor:
@@ -85,12 +85,7 @@ def _check_measurable(cfg: Any, estimators: Sequence[str], latent_dim: int) -> N
     if q is None:  # a plugin family that cannot be built from the config: the lab will tell
         return
     discrete = is_discrete(q)
-    for name in estimators:
-        if not ESTIMATORS[name].applies_to(discrete):
-            fits = [n for n, e in ESTIMATORS.items() if e.applies_to(discrete)]
-            raise ConfigError(f"estimator {name} does not apply to the "
-                              f"{'discrete' if discrete else 'continuous'} code of this "
-                              f"model; choose from {', '.join(fits)}")
+    check_applicable(estimators, discrete)
     if discrete:  # the oracle is the exact gradient, a sum over every code
         try:
             code_table(q)

@@ -36,7 +36,7 @@ from torch import nn
 from torch.func import functional_call, grad, vjp, vmap
 
 from ..errors import ConfigError
-from ..inference.accelerators import GENERIC, PathChoice, record
+from ..inference.accelerators import GENERIC, PathChoice, record, relative_difference
 from ..inference.accelerators.code_gradients import CodeGradients
 from ..inference.accelerators.code_gradients import unsupported_reason as code_unsupported_reason
 from ..inference.accelerators.mlp_gradients import MLPGradients, unsupported_reason
@@ -173,6 +173,9 @@ class _Moments:
         self.block_sums: dict[str, list[torch.Tensor]] | None = \
             {k: [] for k in reference} if blocks else None
         self.block_counts: list[int] = []
+        #: per parameter, its block sums' Gram matrix, dots with the reference and |sum|^2
+        #: (:func:`_block_parts`)
+        self.block_parts: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
         self.sum = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in reference.items()}
         self.sumsq = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in reference.items()}
         # per draw, per group: ||g - ref||^2 and (g - ref) . ref, for the bootstrap
@@ -368,7 +371,7 @@ def _bias(m: _Moments, names: list[str], ref: torch.Tensor, trace: float,
 def _block_parts(m: _Moments, name: str) -> tuple[torch.Tensor, torch.Tensor, float]:
     """For one parameter's block sums S (blocks x entries, float64): the Gram matrix S S^T,
     S . reference and |sum of S|^2; cached on ``m`` (a parameter is in several groups)."""
-    cache = m.__dict__.setdefault("_block_parts", {})
+    cache = m.block_parts
     if name not in cache:
         sums = torch.stack(m.block_sums[name]).double()
         ref = m.reference[name].double().reshape(-1)
@@ -522,9 +525,7 @@ def _probe(draw: Any, vae: VAE, estimator: Estimator, x: torch.Tensor,
     missing = sorted(set(want) - set(got))
     if missing:
         return f"the kernel gives no gradient for {missing[0]}"
-    diff = sum(float((got[k].float() - want[k].float()).pow(2).sum()) for k in want)
-    norm = sum(float(want[k].float().pow(2).sum()) for k in want)
-    rel = math.sqrt(diff / max(norm, 1e-30))
+    rel = relative_difference(got, want)
     if not rel <= PROBE_TOLERANCE:
         return f"a probe draw differs from Pyro's loss_and_grads by {rel:.2g} (relative)"
     return None
@@ -794,6 +795,16 @@ def oracle_gradient(vae: VAE, x: torch.Tensor, num_draws: int, chunk_size: int =
     return {k: (v / num_draws).float() for k, v in total.items()}
 
 
+def check_applicable(names: Sequence[str], discrete: bool) -> None:
+    """ConfigError for the first estimator that cannot train a code of this kind."""
+    for name in names:
+        if not ESTIMATORS[name].applies_to(discrete=discrete):
+            kind = "discrete" if discrete else "continuous"
+            fitting = ", ".join(n for n, e in ESTIMATORS.items() if e.applies_to(discrete))
+            raise ConfigError(f"estimator {name} does not apply to the {kind} code of this "
+                              f"model; choose from {fitting}")
+
+
 def measure_gradient_variance(vae: VAE, x: torch.Tensor, estimators: Sequence[str], *,
                               num_draws: int = 1000, oracle_draws: int = 1000,
                               num_particles: int = 1, num_bootstrap: int = 200,
@@ -859,11 +870,7 @@ def measure_gradient_variance(vae: VAE, x: torch.Tensor, estimators: Sequence[st
         if name not in ESTIMATORS:
             raise ConfigError(f"unknown estimator {name!r}; choose from "
                               f"{', '.join(ESTIMATORS)}")
-        if not ESTIMATORS[name].applies_to(discrete=discrete):
-            kind = "discrete" if discrete else "continuous"
-            fitting = ", ".join(n for n, e in ESTIMATORS.items() if e.applies_to(discrete))
-            raise ConfigError(f"estimator {name} does not apply to the {kind} code of this "
-                              f"model; choose from {fitting}")
+    check_applicable(names, discrete)
     results: dict[str, Any] = {}
     big = num_draws * sum(p.numel() for p in measured_parameters(vae).values()) > 1e8
     compile_seconds = 0.0

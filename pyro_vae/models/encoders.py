@@ -34,6 +34,13 @@ if TYPE_CHECKING:
     from ..config import Config, ModelConfig
 
 
+def code_shape(cfg: ModelConfig) -> tuple[int, ...]:
+    """Shape of a code z: ``(d,)`` (Gaussian units or bits) or ``(d, K)`` one-hot groups."""
+    if cfg.latent == "categorical":
+        return (cfg.latent_dim, cfg.categories)
+    return (cfg.latent_dim,)
+
+
 class GuideFamily(nn.Module):
     """Base class of guide families q(z|x).
 

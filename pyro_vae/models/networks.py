@@ -18,7 +18,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..registry import LIKELIHOODS
-from .encoders import DiagonalNormal, GuideFamily, build_guide_family
+from .encoders import DiagonalNormal, GuideFamily, build_guide_family, code_shape
 from .layers import ACTIVATIONS, mlp
 from .likelihoods import Likelihood
 
@@ -123,9 +123,8 @@ def build_networks(cfg: ModelConfig, image_shape: tuple[int, int, int]
     likelihood = LIKELIHOODS.get_or_raise(cfg.likelihood)(cfg, num_pixels)
     family = build_guide_family(cfg.encoder, cfg)
     # a categorical code is latent_dim one-hot groups: latent_dim * categories decoder inputs
-    categorical = getattr(cfg, "latent", "gaussian") == "categorical"
-    code_size = cfg.latent_dim * (cfg.categories if categorical else 1)
-    code_dims = 2 if categorical else 1
+    shape = code_shape(cfg)
+    code_size, code_dims = math.prod(shape), len(shape)
     if cfg.arch == "conv":
         return (ConvEncoder(image_shape, cfg.hidden_dims[0], cfg.latent_dim, cfg.activation,
                             family=family),

@@ -24,6 +24,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..registry import PRIORS
+from .encoders import code_shape
 from .layers import MIN_SCALE, positive_scale
 
 if TYPE_CHECKING:
@@ -213,13 +214,6 @@ class StudentTPrior(Prior):
         return dist.StudentT(self.df, self.loc, self.scale).to_event(1)
 
 
-def _code_shape(cfg: ModelConfig) -> tuple[int, ...]:
-    """Shape of the logits of a discrete code: ``(d,)`` bits or ``(d, K)`` one-hot groups."""
-    if cfg.latent == "categorical":
-        return (cfg.latent_dim, cfg.categories)
-    return (cfg.latent_dim,)
-
-
 class DiscreteUniformPrior(Prior):
     """p(z) uniform over the codes: each bit Bernoulli(1/2), or each one-hot group uniform over
     its K categories (``model.latent``). log p(z) is the same constant for every code, so the
@@ -231,7 +225,7 @@ class DiscreteUniformPrior(Prior):
                  image_shape: tuple[int, ...] | None = None):
         super().__init__(cfg, encoder, image_shape)
         self.kind = cfg.latent
-        self.register_buffer("logits", torch.zeros(_code_shape(cfg)))
+        self.register_buffer("logits", torch.zeros(code_shape(cfg)))
 
     def forward(self) -> dist.Distribution:
         return _discrete_of(self.kind, self.logits)
@@ -246,7 +240,7 @@ class DiscreteLearnedPrior(DiscreteUniformPrior):
                  image_shape: tuple[int, ...] | None = None):
         super().__init__(cfg, encoder, image_shape)
         del self.logits
-        self.logits = nn.Parameter(torch.zeros(_code_shape(cfg)))
+        self.logits = nn.Parameter(torch.zeros(code_shape(cfg)))
 
 
 def _discrete_of(kind: str, logits: torch.Tensor) -> dist.Distribution:

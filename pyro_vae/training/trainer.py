@@ -385,8 +385,7 @@ class Trainer:
 
     def objective(self, first_step: int, last_step: int) -> str:
         """The name of the objective trained between two steps: ``elbo`` when it is the ELBO."""
-        if self.estimator.surrogate in ("importance-weighted", "doubly-reparametrized",
-                                        "multi-sample-score"):
+        if self.estimator.optimizes_bound:
             return f"iwae bound (K={self.cfg.train.num_particles})"
         if self.estimator.surrogate == "relaxed":
             return f"relaxed elbo (temperature {self.cfg.train.temperature:g}" + (

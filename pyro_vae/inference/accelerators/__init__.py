@@ -40,6 +40,7 @@ import logging
 from dataclasses import asdict, dataclass
 
 import pyro.distributions as dist
+import torch
 
 from ..program import ProgramStructure, SiteInfo
 
@@ -68,6 +69,14 @@ class PathChoice:
 
     def __str__(self) -> str:
         return f"{self.computation}: {self.path} ({self.reason})"
+
+
+def relative_difference(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> float:
+    """The relative L2 distance between two gradients given as ``{name: tensor}`` (over the
+    names of ``want``): how a probe compares an accelerator with the program."""
+    diff = sum(float((got[k].float() - want[k].float()).pow(2).sum()) for k in want)
+    norm = sum(float(want[k].float().pow(2).sum()) for k in want)
+    return (diff / max(norm, 1e-30)) ** 0.5
 
 
 def record(choice: PathChoice) -> PathChoice:
@@ -132,7 +141,7 @@ from .code_gradients import CodeGradients, exact_table_gradient  # noqa: E402
 from .fast_elbo import FastELBO, RelaxedDrawELBO, choose_training_loss  # noqa: E402
 from .mlp_gradients import MLPGradients  # noqa: E402
 
-__all__ = ["PathChoice", "record", "GENERIC", "LOG", "one_latent_problem",
+__all__ = ["PathChoice", "record", "relative_difference", "GENERIC", "LOG", "one_latent_problem",
            "diagonal_normal_problem", "infer_problem", "FastELBO", "choose_training_loss",
            "BernoulliMLPWeights", "choose_log_weights", "MLPGradients", "CodeGradients",
            "exact_table_gradient", "RelaxedDrawELBO"]

@@ -50,15 +50,15 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vjp, vmap
 
-from ..discrete import _unwrap, code_table, num_codes
+from ..discrete import MAX_EXACT_CODES, _unwrap, code_table, num_codes
 from .mlp_gradients import DERIVATIVES, _Layer, _layers, _mlp_problem
 
 if TYPE_CHECKING:
     from ..estimators import Estimator
 
-#: Largest code table the kernel builds (the exact oracle's limit): tables are
-#: codes x pixels floats.
-MAX_TABLE_CODES = 4096
+#: Largest code table the kernel builds, the exact oracle's limit (tables are codes x pixels
+#: floats).
+MAX_TABLE_CODES = MAX_EXACT_CODES
 
 
 class _Given:
@@ -121,6 +121,38 @@ def _code_index(z: torch.Tensor, base: Any, code_dims: int) -> torch.Tensor | No
     return (bits << torch.arange(bits.shape[-1], device=z.device)).sum(-1)
 
 
+def shared_code_encoder(vae: nn.Module, x: torch.Tensor, params: dict[str, torch.Tensor]
+                        ) -> tuple[Any, torch.Tensor, Callable, Callable]:
+    """The encoder's part of a chunk of discrete draws, the same in every draw (x is fixed):
+    ``(q, logits, pull_back, make_q)`` with q(z|x) at the parameters, the logits of its units
+    and their ``vjp`` with respect to the ``encoder.*`` entries of ``params`` (made once, in
+    float32 whatever the autocast), and ``logits -> q`` rebuilding q from (batched) logits."""
+    enc = {k[len("encoder."):]: v for k, v in params.items() if k.startswith("encoder.")}
+    with torch.no_grad():
+        template = vae.encoder(x)
+    base, ndims = _unwrap(template)
+
+    def encode(p: dict[str, torch.Tensor]) -> torch.Tensor:
+        return _unwrap(functional_call(vae.encoder, p, (x,)))[0].logits
+
+    with torch.autocast(x.device.type, enabled=False):
+        logits, pull_back = vjp(encode, enc)
+
+    def make_q(logits: torch.Tensor) -> Any:
+        return type(base)(logits=logits, validate_args=False).to_event(ndims)
+
+    return template, logits, pull_back, make_q
+
+
+def _gather(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Rows ``table[index]``, ``(*index.shape, columns)``: into a new tensor through ``out=``,
+    several times faster on CPU than the allocating ``index_select``, whose kernel gathers
+    element by element."""
+    flat = index.reshape(-1)
+    out = table.new_empty(flat.shape[0], table.shape[1])
+    return torch.index_select(table, 0, flat, out=out).view(*index.shape, -1)
+
+
 class CodeGradients:
     """``noise -> {parameter name: (draws, *shape) gradient}`` for one minibatch and estimator.
 
@@ -152,23 +184,12 @@ class CodeGradients:
 
         self.x = x
         self.names = list(params)
-        enc = {k[len("encoder."):]: v for k, v in params.items() if k.startswith("encoder.")}
         self.rest = {k: v for k, v in params.items()
                      if not k.startswith(("encoder.", "decoder."))}
-        with torch.no_grad():
-            template = vae.encoder(x)
-        self.base, ndims = _unwrap(template)
+        template, self.logits, self._pull_back, make_q = shared_code_encoder(vae, x, params)
+        self.base = _unwrap(template)[0]
         self.event_shape = template.event_shape
         self.code_dims = len(self.event_shape)
-        base_type = type(self.base)
-
-        def encode(p: dict[str, torch.Tensor]) -> torch.Tensor:
-            return _unwrap(functional_call(vae.encoder, p, (x,)))[0].logits
-
-        self.logits, self._pull_back = vjp(encode, enc)
-
-        def make_q(logits: torch.Tensor) -> Any:
-            return base_type(logits=logits, validate_args=False).to_event(ndims)
 
         def prior_of(rest: dict[str, torch.Tensor]) -> Any:
             return functional_call(vae.prior, {k[len("prior."):]: v for k, v in rest.items()
@@ -257,16 +278,12 @@ class CodeGradients:
         ``ll``, each with leading dims ``(n, K, B)`` (``with_ll`` false: ll of soft codes is
         left at 0, for an estimator that does not read its value)."""
         n, k, b = z.shape[:3]
-        index = self._code_index(z) if self.table is not None else None
+        index = _code_index(z, self.base, self.code_dims) if self.table is not None else None
         if index is not None:
             t = self.table
-            flat = index.reshape(-1)
 
             def gather(m: torch.Tensor) -> torch.Tensor:
-                # into a new tensor through out=: several times faster on CPU than the
-                # allocating index_select, whose kernel gathers element by element
-                out = m.new_empty(flat.shape[0], m.shape[1])
-                return torch.index_select(m, 0, flat, out=out).view(n, k, b, -1)
+                return _gather(m, index)
 
             images = torch.arange(b, device=z.device) * t["log_px"].shape[1]
             # the pixel-wide probabilities are gathered later, a sub-chunk at a time
@@ -289,18 +306,11 @@ class CodeGradients:
         return {"inputs": [shaped(t) for t in inputs], "derivs": [shaped(t) for t in derivs],
                 "probs": shaped(probs), "back": back, "ll": ll}
 
-    def _code_index(self, z: torch.Tensor) -> torch.Tensor | None:
-        return _code_index(z, self.base, self.code_dims)
-
     def _probs(self, rows: dict[str, Any]) -> torch.Tensor:
         """sigmoid of the rows' logits, ``(n, K, B, pixels)`` (gathered from the table)."""
         if "probs" in rows:
             return rows["probs"]
-        index = rows["index"]
-        flat = index.reshape(-1)
-        table = self.table["probs"]
-        out = table.new_empty(flat.shape[0], table.shape[1])
-        return torch.index_select(table, 0, flat, out=out).view(*index.shape, -1)
+        return _gather(self.table["probs"], rows["index"])
 
     def _input_gradient(self, rows: dict[str, Any]) -> torch.Tensor:
         """J = d ll / d z per row, from the backward vector at the last hidden layer."""

@@ -150,11 +150,9 @@ class RelaxedDrawELBO(nn.Module):
         with dist.validation_enabled(False):
             q = vae.encoder(x)
             shape = (*q.batch_shape, *q.event_shape)
-            # the numbers of the guide site's rsample (torch.rand of its shape, particles first)
-            noise = torch.rand((self.num_particles, *shape) if self.num_particles > 1 else shape,
-                               dtype=q.mean.dtype, device=x.device)
-            if self.num_particles == 1:
-                noise = noise.unsqueeze(0)
+            # the numbers of the guide site's rsample (torch.rand of its shape, particles first;
+            # one particle's leading 1 changes no number)
+            noise = torch.rand((self.num_particles, *shape), dtype=q.mean.dtype, device=x.device)
             draw = Draw(x, q, noise, vae.decoder, vae.prior(), None, discrete=True,
                         temperature=self.elbo.temperature, relaxed_density=self.elbo.density)
             loss = self.estimator.draw_loss(draw)
