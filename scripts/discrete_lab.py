@@ -338,6 +338,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     from pyro_vae import load_dataset
+    from pyro_vae.runtime import reuse_freed_memory
+
+    reuse_freed_memory()  # as the CLI does: freed temporaries stay in the process
     from pyro_vae.config import DataConfig
 
     def log(message: str) -> None:
