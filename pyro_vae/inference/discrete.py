@@ -42,6 +42,7 @@ from pyro.poutine.messenger import Messenger
 from torch.distributions.utils import clamp_probs
 
 from ..errors import ConfigError
+from .program import is_subsample
 
 #: Largest code table the exact estimator (and the lab's exact oracle) enumerates.
 MAX_EXACT_CODES = 4096
@@ -233,7 +234,7 @@ class Relax(Messenger):
         if msg["is_observed"] or msg["infer"].get("_do_not_trace"):
             return
         fn = msg["fn"]
-        if type(fn).__name__ == "_Subsample" or not is_discrete(fn):
+        if is_subsample(fn) or not is_discrete(fn):
             return
         msg["fn"] = relax(fn, self.temperature, self.straight_through, self.density)
 
@@ -328,7 +329,7 @@ def importance_parts(model_trace: poutine.Trace, guide_trace: poutine.Trace, k: 
     log_p, log_w, log_q = 0.0, 0.0, 0.0
     for trace, sign in ((model_trace, 1.0), (guide_trace, -1.0)):
         for site in trace.nodes.values():
-            if site["type"] != "sample" or type(site["fn"]).__name__ == "_Subsample":
+            if site["type"] != "sample" or is_subsample(site["fn"]):
                 continue
             weight = _as_float(site["scale"]) / plate_scale
             lp = site["unscaled_log_prob"].reshape(k, -1)
@@ -451,7 +452,7 @@ class ExactELBO(ELBO):
         with poutine.block(), torch.no_grad():
             probe = poutine.trace(guide).get_trace(*args, **kwargs)
         latent = [s for s in probe.nodes.values() if s["type"] == "sample"
-                  and not s["is_observed"] and type(s["fn"]).__name__ != "_Subsample"]
+                  and not s["is_observed"] and not is_subsample(s["fn"])]
         if len(latent) != 1 or not is_discrete(latent[0]["fn"]):
             raise ConfigError("estimator exact needs a guide with one discrete latent site")
         name, fn = latent[0]["name"], latent[0]["fn"]
@@ -482,7 +483,7 @@ class ExactELBO(ELBO):
         log_q = None
         for trace, sign in ((model_trace, 1.0), (guide_trace, -1.0)):
             for site in trace.nodes.values():
-                if site["type"] != "sample" or type(site["fn"]).__name__ == "_Subsample":
+                if site["type"] != "sample" or is_subsample(site["fn"]):
                     continue
                 lp = site["fn"].log_prob(site["value"])
                 scale = site["scale"]

@@ -40,6 +40,12 @@ if TYPE_CHECKING:
 PARTICLE_PLATE = "_pyro_vae_particles"
 
 
+def is_subsample(fn: Any) -> bool:
+    """Whether a sample site's ``fn`` is the subsample index a ``pyro.plate`` records (Pyro's
+    internal ``_Subsample``, matched by name): no random variable of the program."""
+    return type(fn).__name__ == "_Subsample"
+
+
 @dataclass
 class ProgramTraces:
     """The guide's trace and the model's trace replayed on it, with K particles."""
@@ -53,7 +59,7 @@ class ProgramTraces:
         for site in trace.nodes.values():
             if site["type"] == "sample" and not site["infer"].get("_do_not_trace") \
                     and not site.get("is_auxiliary"):
-                if type(site["fn"]).__name__ == "_Subsample":
+                if is_subsample(site["fn"]):
                     continue
                 yield site
 
@@ -283,7 +289,7 @@ def inspect_program(vae: VAE, x: torch.Tensor, num_data: int | None = None
         guide = poutine.trace(vae.guide).get_trace(x, num_data)
         model = poutine.trace(poutine.replay(vae.model, trace=guide)).get_trace(x, num_data)
     guide_sites = [_site_info(s) for s in guide.nodes.values() if s["type"] == "sample"
-                   and type(s["fn"]).__name__ != "_Subsample"]
+                   and not is_subsample(s["fn"])]
     model_sites = [_site_info(s) for s in model.nodes.values() if s["type"] == "sample"
-                   and type(s["fn"]).__name__ != "_Subsample"]
+                   and not is_subsample(s["fn"])]
     return ProgramStructure(guide_sites, model_sites)
