@@ -42,6 +42,7 @@ from pyro.poutine.messenger import Messenger
 from torch.distributions.utils import clamp_probs
 
 from ..errors import ConfigError
+from ..models.encoders import is_discrete
 from .program import is_subsample
 
 #: Largest code table the exact estimator (and the lab's exact oracle) enumerates.
@@ -49,11 +50,6 @@ MAX_EXACT_CODES = 4096
 
 
 # -- what kind of code ----------------------------------------------------------------------------
-def is_discrete(fn: torch.distributions.Distribution) -> bool:
-    """Whether a distribution's support is discrete (read from its support, not its name)."""
-    return bool(getattr(fn.support, "is_discrete", False))
-
-
 def _unwrap(fn: torch.distributions.Distribution) -> tuple[Any, int]:
     """The innermost distribution and the event dims that ``Independent`` wrappers add."""
     ndims = 0

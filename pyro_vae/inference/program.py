@@ -85,6 +85,20 @@ def param_scope(carry: tuple[str, ...] = ()) -> Iterator[None]:
         yield
 
 
+@contextmanager
+def running_estimator(vae: VAE, estimator: Any) -> Iterator[None]:
+    """``vae.model`` and ``vae.guide`` run with ``estimator`` (a registry entry) for the
+    duration, in a fresh param store (:func:`param_scope`); afterwards the VAE's own
+    estimator is back and its gradients are cleared."""
+    old, vae.estimator = vae.estimator, estimator
+    try:
+        with param_scope():
+            yield
+    finally:
+        vae.estimator = old
+        vae.zero_grad(set_to_none=True)
+
+
 def _max_plate_nesting(vae: VAE, x: torch.Tensor, num_data: int | None) -> int:
     devices = [x.device] if x.device.type == "cuda" else []
     with poutine.block(), param_scope(), torch.no_grad(), torch.random.fork_rng(devices=devices):

@@ -26,7 +26,7 @@ from ..inference.accelerators.code_gradients import exact_table_gradient, shared
 from ..inference.accelerators.code_gradients import unsupported_reason as code_unsupported_reason
 from ..inference.discrete import ExactELBO, _unwrap, is_discrete
 from ..inference.estimators import Draw, Estimator
-from ..inference.program import param_scope
+from ..inference.program import running_estimator
 from ..models.vae import VAE
 from ..registry import ESTIMATORS
 from .bound import Bound
@@ -42,16 +42,11 @@ def exact_gradient(vae: VAE, x: torch.Tensor, params: dict[str, torch.Tensor]
                    ) -> dict[str, torch.Tensor]:
     """The exact gradient of the per-image negative ELBO by summing over every code
     (ExactELBO on the program, one backward pass per block of codes)."""
-    old, vae.estimator = vae.estimator, ESTIMATORS["exact"]
-    try:
-        with param_scope():
-            vae.zero_grad(set_to_none=True)
-            ExactELBO().loss_and_grads(vae.model, vae.guide, x)
-            return {k: (p.grad if p.grad is not None else torch.zeros_like(p)).detach().clone()
-                    / x.shape[0] for k, p in params.items()}
-    finally:
-        vae.estimator = old
+    with running_estimator(vae, ESTIMATORS["exact"]):
         vae.zero_grad(set_to_none=True)
+        ExactELBO().loss_and_grads(vae.model, vae.guide, x)
+        return {k: (p.grad if p.grad is not None else torch.zeros_like(p)).detach().clone()
+                / x.shape[0] for k, p in params.items()}
 
 
 #: Images on which the table-based exact gradient is compared with ExactELBO's.

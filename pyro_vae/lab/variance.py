@@ -42,7 +42,7 @@ from ..inference.accelerators.code_gradients import unsupported_reason as code_u
 from ..inference.accelerators.mlp_gradients import MLPGradients, unsupported_reason
 from ..inference.discrete import _unwrap
 from ..inference.estimators import AVG_BASELINE_PARAM, Draw, Estimator
-from ..inference.program import log_weights, param_scope, trace_program
+from ..inference.program import log_weights, param_scope, running_estimator, trace_program
 from ..models.vae import VAE
 from ..registry import ESTIMATORS
 from .bound import Bound as _Bound
@@ -460,21 +460,15 @@ def _pyro_draws(vae: VAE, estimator: Estimator, x: torch.Tensor, params: dict[st
     cfg.train.num_particles = num_particles
     cfg.train.temperature, cfg.train.relaxed_density = relaxation
     elbo = estimator.make_elbo(cfg)
-    old_estimator = vae.estimator
-    vae.estimator = estimator
-    try:
-        with param_scope():
-            store = pyro.get_param_store()
-            for _ in range(num_draws):
-                if estimator.baseline == "avg":
-                    store[AVG_BASELINE_PARAM] = baseline.clone()
-                vae.zero_grad(set_to_none=True)
-                elbo.loss_and_grads(vae.model, vae.guide, x)
-                yield {k: (p.grad if p.grad is not None else torch.zeros_like(p)).detach()[None]
-                       / x.shape[0] for k, p in params.items()}
-    finally:
-        vae.estimator = old_estimator
-        vae.zero_grad(set_to_none=True)
+    with running_estimator(vae, estimator):
+        store = pyro.get_param_store()
+        for _ in range(num_draws):
+            if estimator.baseline == "avg":
+                store[AVG_BASELINE_PARAM] = baseline.clone()
+            vae.zero_grad(set_to_none=True)
+            elbo.loss_and_grads(vae.model, vae.guide, x)
+            yield {k: (p.grad if p.grad is not None else torch.zeros_like(p)).detach()[None]
+                   / x.shape[0] for k, p in params.items()}
 
 
 #: Draws whose noise the discrete ``hand`` path takes at once, a chunk at a time (see
@@ -534,10 +528,11 @@ def _probe(draw: Any, vae: VAE, estimator: Estimator, x: torch.Tensor,
 def _choose_discrete(vae: VAE, estimator: Estimator, x: torch.Tensor, num_particles: int,
                      baseline: torch.Tensor | None, method: str, what: str,
                      params: dict[str, torch.Tensor], relaxation: tuple[float, str]
-                     ) -> PathChoice:
+                     ) -> tuple[PathChoice, Any]:
     """The path for a discrete code: ``hand`` (:class:`~pyro_vae.inference.accelerators.
     code_gradients.CodeGradients`, the decoder written out) where the program has its
-    structure, else ``func`` (:mod:`pyro_vae.lab.discrete`), each held to Pyro on a probe draw."""
+    structure, else ``func`` (:mod:`pyro_vae.lab.discrete`), each held to Pyro on a probe draw;
+    with the probed draws (None for ``generic``)."""
     reasons = []
     detached = {k: p.detach() for k, p in params.items()}
 
@@ -556,18 +551,18 @@ def _choose_discrete(vae: VAE, estimator: Estimator, x: torch.Tensor, num_partic
     if problem is not None:
         if method in ("hand", "func"):
             raise ConfigError(f"method {method}: {problem}")
-        return record(PathChoice(what, GENERIC, problem))
+        return record(PathChoice(what, GENERIC, problem)), None
     if method in ("auto", "hand"):
         problem = code_unsupported_reason(vae, x)
         if problem is None:
             with _no_validation():
-                problem = probe(CodeGradients(vae, estimator, x, baseline, detached,
-                                              *relaxation))
+                kernel = CodeGradients(vae, estimator, x, baseline, detached, *relaxation)
+                problem = probe(kernel)
         if problem is None:
             return record(PathChoice(what, "hand", "discrete code, MLP decoder with a "
                                      "Bernoulli likelihood written out (a per-code table for "
                                      "hard codes), the estimator's draw_loss differentiated "
-                                     "on scalars, float32; a probe draw equals Pyro's"))
+                                     "on scalars, float32; a probe draw equals Pyro's")), kernel
         if method == "hand":
             raise ConfigError(f"method hand: {problem}")
         reasons.append(f"hand: {problem}")
@@ -576,16 +571,16 @@ def _choose_discrete(vae: VAE, estimator: Estimator, x: torch.Tensor, num_partic
             problem = "the prior uses the encoder"
         else:
             with _no_validation():
-                problem = probe(discrete_draws(vae, estimator, x, baseline, detached,
-                                               *relaxation))
+                per_draw = discrete_draws(vae, estimator, x, baseline, detached, *relaxation)
+                problem = probe(per_draw)
         if problem is None:
             return record(PathChoice(what, "func", "discrete code: vmap over codes or Concrete "
                                      "noise, shared encoder pass; a probe draw equals Pyro's"
-                                     + (f" ({reasons[0]})" if reasons else "")))
+                                     + (f" ({reasons[0]})" if reasons else ""))), per_draw
         if method == "func":
             raise ConfigError(f"method func: {problem}")
         reasons.append(f"func: {problem}")
-    return record(PathChoice(what, GENERIC, "; ".join(reasons)))
+    return record(PathChoice(what, GENERIC, "; ".join(reasons))), None
 
 
 def choose_draws(vae: VAE, estimator: Estimator, x: torch.Tensor, num_particles: int,
@@ -599,10 +594,20 @@ def choose_draws(vae: VAE, estimator: Estimator, x: torch.Tensor, num_particles:
     where the guide is one diagonal-Normal site, else ``generic`` (Pyro per draw); each
     accelerated path is held to Pyro's ``loss_and_grads`` on a probe draw first.
     """
+    return _choose_draws(vae, estimator, x, num_particles, baseline, method, what,
+                         relaxation)[0]
+
+
+def _choose_draws(vae: VAE, estimator: Estimator, x: torch.Tensor, num_particles: int,
+                  baseline: torch.Tensor | None, method: str = "auto",
+                  what: str | None = None, relaxation: tuple[float, str] = (1.0, "discrete")
+                  ) -> tuple[PathChoice, Any]:
+    """:func:`choose_draws` with the draws it probed (float32; None for ``generic``), which
+    :func:`gradient_draws` then uses rather than building them again."""
     what = what or f"gradient draws ({estimator.name})"
     params = measured_parameters(vae)
     if method == "pyro":
-        return record(PathChoice(what, GENERIC, "asked for (method pyro)"))
+        return record(PathChoice(what, GENERIC, "asked for (method pyro)")), None
     if discrete_code(vae, x):
         return _choose_discrete(vae, estimator, x, num_particles, baseline, method, what,
                                 params, relaxation)
@@ -615,7 +620,7 @@ def choose_draws(vae: VAE, estimator: Estimator, x: torch.Tensor, num_particles:
         if reason is None:
             return record(PathChoice(what, "hand", "MLP networks, diagonal-Normal guide, "
                                      "Bernoulli likelihood, N(0, I) prior; a probe draw equals "
-                                     "Pyro's"))
+                                     "Pyro's")), hand
         if method == "hand":
             raise ConfigError(f"method hand: {reason}")
         reasons.append(f"hand: {reason}")
@@ -629,11 +634,11 @@ def choose_draws(vae: VAE, estimator: Estimator, x: torch.Tensor, num_particles:
         if reason is None:
             return record(PathChoice(what, "func", "one diagonal-Normal latent site; a probe "
                                      "draw equals Pyro's" + (f" ({reasons[0]})" if reasons
-                                                             else "")))
+                                                             else ""))), func
         if method == "func":
             raise ConfigError(f"method func: {reason}")
         reasons.append(f"func: {reason}")
-    return record(PathChoice(what, GENERIC, "; ".join(reasons)))
+    return record(PathChoice(what, GENERIC, "; ".join(reasons))), None
 
 
 def _func_draws(vae: VAE, estimator: Estimator, x: torch.Tensor, baseline: torch.Tensor | None,
@@ -685,19 +690,17 @@ def gradient_draws(vae: VAE, estimator: Estimator | str, x: torch.Tensor, num_dr
         baseline = baseline_for(estimator, vae, x, train_scale)
     if method not in ("auto", "hand", "func", "pyro"):
         raise ConfigError(f"unknown method {method!r}; choose from auto, hand, func, pyro")
-    choice = choose_draws(vae, estimator, x, num_particles, baseline,
-                          "pyro" if not vectorized else method, relaxation=relaxation)
+    choice, probed = _choose_draws(vae, estimator, x, num_particles, baseline,
+                                   "pyro" if not vectorized else method, relaxation=relaxation)
     if paths is not None:
         paths.append(choice)
     if choice.path == GENERIC:
         yield from _pyro_draws(vae, estimator, x, params, num_draws, num_particles, baseline,
                                relaxation)
         return
-    if discrete_code(vae, x):
-        detached = {k: p.detach() for k, p in params.items()}
+    if discrete_code(vae, x):  # the probed kernel (its first-draw facts already read)
         if choice.path == "hand":
-            with _no_validation():
-                kernel = CodeGradients(vae, estimator, x, baseline, detached, *relaxation)
+            kernel = probed
             # noise for DISCRETE_GROUP draws at a time: the kernel's per-call vmap work is
             # shared by all of them, its products still run chunk by chunk (one draw per
             # chunk keeps Pyro's numbers, draw for draw)
@@ -707,8 +710,7 @@ def gradient_draws(vae: VAE, estimator: Estimator | str, x: torch.Tensor, num_dr
                 with _no_validation():
                     yield from kernel.chunks(noise, chunk_size)
             return
-        with _no_validation():
-            per_draw = discrete_draws(vae, estimator, x, baseline, detached, *relaxation)
+        per_draw = probed
         for n in _chunks(num_draws, chunk_size):
             noise = discrete_noise(vae, estimator, x, n, num_particles)
             with _no_validation():
@@ -716,11 +718,13 @@ def gradient_draws(vae: VAE, estimator: Estimator | str, x: torch.Tensor, num_dr
         return
     latent_dim = vae.prior().event_shape[0]
     if choice.path == "hand":
-        hand = MLPGradients(vae, estimator, x, baseline, DTYPES[precision])
+        hand = probed if DTYPES[precision] == torch.float32 else \
+            MLPGradients(vae, estimator, x, baseline, DTYPES[precision])
         for n in _chunks(num_draws, chunk_size):
             yield hand(torch.randn(n, num_particles, x.shape[0], latent_dim, device=x.device))
         return
-    per_draw = _func_draws(vae, estimator, x, baseline, params, shared_encoder)
+    per_draw = probed if shared_encoder else \
+        _func_draws(vae, estimator, x, baseline, params, shared_encoder)
     for n in _chunks(num_draws, chunk_size):
         eps = torch.randn(n, num_particles, x.shape[0], latent_dim, device=x.device)
         with _no_validation():
@@ -774,22 +778,16 @@ def oracle_gradient(vae: VAE, x: torch.Tensor, num_draws: int, chunk_size: int =
                                    f"({choice.reason})"))
         from pyro.infer import Trace_ELBO
 
-        reparam = ESTIMATORS["reparam"]
-        old_estimator, vae.estimator = vae.estimator, reparam
         live = measured_parameters(vae)
-        try:
-            with param_scope():
-                for n in _chunks(num_draws, chunk_size):
-                    elbo = Trace_ELBO(num_particles=n, vectorize_particles=True,
-                                      max_plate_nesting=1)
-                    vae.zero_grad(set_to_none=True)
-                    elbo.loss_and_grads(vae.model, vae.guide, x)
-                    for k, p in live.items():
-                        if p.grad is not None:
-                            total[k] += p.grad.double() * n / x.shape[0]
-        finally:
-            vae.estimator = old_estimator
-            vae.zero_grad(set_to_none=True)
+        with running_estimator(vae, ESTIMATORS["reparam"]):
+            for n in _chunks(num_draws, chunk_size):
+                elbo = Trace_ELBO(num_particles=n, vectorize_particles=True,
+                                  max_plate_nesting=1)
+                vae.zero_grad(set_to_none=True)
+                elbo.loss_and_grads(vae.model, vae.guide, x)
+                for k, p in live.items():
+                    if p.grad is not None:
+                        total[k] += p.grad.double() * n / x.shape[0]
     if paths is not None:
         paths.append(choice)
     return {k: (v / num_draws).float() for k, v in total.items()}

@@ -34,6 +34,11 @@ if TYPE_CHECKING:
     from ..config import Config, ModelConfig
 
 
+def is_discrete(fn: torch.distributions.Distribution) -> bool:
+    """Whether a distribution's support is discrete (read from its support, not its name)."""
+    return bool(getattr(fn.support, "is_discrete", False))
+
+
 def code_shape(cfg: ModelConfig) -> tuple[int, ...]:
     """Shape of a code z: ``(d,)`` (Gaussian units or bits) or ``(d, K)`` one-hot groups."""
     if cfg.latent == "categorical":

@@ -20,6 +20,7 @@ from pyro import poutine
 from torch import nn
 
 from ..registry import ESTIMATORS
+from .encoders import is_discrete
 from .networks import build_networks
 from .priors import Prior, build_prior
 
@@ -30,7 +31,7 @@ if TYPE_CHECKING:
 def code_point(q: Any) -> torch.Tensor:
     """One representative code of q(z|x): its mode when the support is discrete (bits or
     one-hot groups), else its mean."""
-    if getattr(q.support, "is_discrete", False):
+    if is_discrete(q):
         return q.mode
     return q.mean
 
