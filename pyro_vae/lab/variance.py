@@ -169,7 +169,8 @@ class _Moments:
         self.groups = groups
         self.count = 0
         #: with ``blocks``, each chunk's summed deviation per parameter and its draw count: the
-        #: bootstrap of the mean gradient's distance to the reference resamples chunks
+        #: bootstraps (of the mean gradient's distance to the reference, its cosine and the
+        #: trace) resample chunks, and no per-draw quantity is computed
         self.block_sums: dict[str, list[torch.Tensor]] | None = \
             {k: [] for k in reference} if blocks else None
         self.block_counts: list[int] = []
@@ -178,7 +179,8 @@ class _Moments:
         self.block_parts: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
         self.sum = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in reference.items()}
         self.sumsq = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in reference.items()}
-        # per draw, per group: ||g - ref||^2 and (g - ref) . ref, for the bootstrap
+        # per draw (with ``blocks``: per chunk, summed over its draws), per group:
+        # ||g - ref||^2 and (g - ref) . ref, for the bootstrap
         self.sq_dev: dict[str, list[torch.Tensor]] = {g: [] for g in groups}
         self.dot_ref: dict[str, list[torch.Tensor]] = {g: [] for g in groups}
         self.kernel: Callable[..., Any] | None = None  # compiled _chunk_moments, if any
@@ -189,12 +191,16 @@ class _Moments:
         names = list(grads)
         n = grads[names[0]].shape[0]
         args = ([grads[k] for k in names], [self.reference[k] for k in names])
+        blocks = self.block_sums is not None
         parts = self.kernel(*args) if self.kernel is not None and n == self.kernel_draws \
-            else _chunk_moments(*args)
+            else _chunk_moments(*args, per_draw=not blocks)
         sq_norms, dots = {}, {}
         for k, (total, total_sq, sq_norm, dot) in zip(names, parts):
-            if self.block_sums is not None:
+            if blocks:
                 self.block_sums[k].append(total.reshape(-1).float().clone())
+                # the chunk's sums over its draws, from the per-parameter sums
+                sq_norm = total_sq.sum().reshape(1)
+                dot = (total.reshape(-1) @ self.reference[k].reshape(-1).float()).reshape(1)
             self.sum[k] += total.double().view_as(self.sum[k])
             self.sumsq[k] += total_sq.double().view_as(self.sumsq[k])
             sq_norms[k], dots[k] = sq_norm.double(), dot.double()
@@ -210,10 +216,11 @@ class _Moments:
 MOMENT_BLOCK = 16384
 
 
-def _chunk_moments(grads: list[torch.Tensor], references: list[torch.Tensor]
-                   ) -> list[tuple[torch.Tensor, ...]]:
+def _chunk_moments(grads: list[torch.Tensor], references: list[torch.Tensor],
+                   per_draw: bool = True) -> list[tuple[torch.Tensor, ...]]:
     """Per tensor, for a chunk of n draws g: with d = g - reference (float32), the sums over
-    draws of d and d^2 (per parameter), and per draw |d|^2 and d . reference.
+    draws of d and d^2 (per parameter), and per draw |d|^2 and d . reference (``per_draw``
+    false: those two are None and their passes are skipped).
 
     The parameters are taken in blocks of :data:`MOMENT_BLOCK`, in the order the chunk is
     stored (a weight gradient made as the transpose of a product is read without a copy), so
@@ -230,16 +237,18 @@ def _chunk_moments(grads: list[torch.Tensor], references: list[torch.Tensor]
         size = flat.shape[1]
         total = torch.empty(size, device=g.device)
         total_sq = torch.empty(size, device=g.device)
-        sq_norm = torch.zeros(n, device=g.device)
-        dot = torch.zeros(n, device=g.device)
+        sq_norm = torch.zeros(n, device=g.device) if per_draw else None
+        dot = torch.zeros(n, device=g.device) if per_draw else None
         for a in range(0, size, MOMENT_BLOCK):
             b = min(a + MOMENT_BLOCK, size)
             d = flat[:, a:b].float() - ref[a:b]
             torch.sum(d, 0, out=total[a:b])
-            dot += d @ ref[a:b]
+            if per_draw:
+                dot += d @ ref[a:b]
             d.mul_(d)
             torch.sum(d, 0, out=total_sq[a:b])
-            sq_norm += d.sum(1)
+            if per_draw:
+                sq_norm += d.sum(1)
         if transposed:
             shape = g.shape[1:]
             total, total_sq = (t.view(shape).T.reshape(-1) for t in (total, total_sq))
@@ -290,7 +299,11 @@ def _summary(m: _Moments, oracle: dict[str, torch.Tensor], num_bootstrap: int,
              generator: torch.Generator) -> dict[str, dict[str, Any]]:
     r = m.count
     out: dict[str, dict[str, Any]] = {}
-    boot_idx = torch.randint(0, r, (num_bootstrap, r), generator=generator)
+    block_weights = boot_idx = None
+    if m.block_sums is not None:
+        block_weights = _block_weights(len(m.block_counts), num_bootstrap, generator)
+    else:
+        boot_idx = torch.randint(0, r, (num_bootstrap, r), generator=generator)
     for group, names in m.groups.items():
         mean = torch.cat([(m.reference[k].double() + m.sum[k] / r).reshape(-1) for k in names])
         shift = torch.cat([(m.sum[k] / r).reshape(-1) for k in names])
@@ -304,13 +317,19 @@ def _summary(m: _Moments, oracle: dict[str, torch.Tensor], num_bootstrap: int,
         snr = ((mean.abs()[ok] / std[ok]).mean().item()) if bool(ok.any()) else math.inf
         ref_norm = ref.norm().item()
         cosine = (mean @ ref).item() / max(math.sqrt(norm2) * ref_norm, 1e-300)
-        # Bootstrap over draws. ||mean* - ref||^2 is held at its full-sample value; it is
-        # O(trace / R) for unbiased estimators, a correction small next to the resampled term.
+        # Bootstrap over draws (with blocks: over chunks of draws, whose sums were kept).
+        # ||mean* - ref||^2 is held at its full-sample value; it is O(trace / R) for unbiased
+        # estimators, a correction small next to the resampled term.
         sq_dev = torch.cat(m.sq_dev[group])
         dot = torch.cat(m.dot_ref[group])
         shift2 = (shift ** 2).sum().item()
-        trace_b = r / (r - 1) * (sq_dev[boot_idx].mean(1) - shift2)
-        dot_b = dot[boot_idx].mean(1)
+        if block_weights is not None:
+            n_b = block_weights @ torch.tensor(m.block_counts, dtype=torch.float64)
+            trace_b = r / (r - 1) * ((block_weights @ sq_dev) / n_b - shift2)
+            dot_b = (block_weights @ dot) / n_b
+        else:
+            trace_b = r / (r - 1) * (sq_dev[boot_idx].mean(1) - shift2)
+            dot_b = dot[boot_idx].mean(1)
         norm2_b = (ref_norm ** 2 + 2 * dot_b + shift2).clamp_min(1e-300)
         cosine_b = (ref_norm ** 2 + dot_b) / (norm2_b.sqrt() * max(ref_norm, 1e-300))
         out[group] = {
@@ -345,10 +364,7 @@ def _bias(m: _Moments, names: list[str], ref: torch.Tensor, trace: float,
     ref2 = float(ref @ ref)
     r = m.count
     shift2 = sum(p[2] for p in parts) / r ** 2
-    blocks = len(counts)
-    picks = torch.randint(0, blocks, (num_bootstrap, blocks), generator=boot_generator)
-    weights = torch.zeros(num_bootstrap, blocks, dtype=torch.float64).scatter_add_(
-        1, picks, torch.ones_like(picks, dtype=torch.float64))
+    weights = _block_weights(len(counts), num_bootstrap, boot_generator)
     n_b = weights @ counts
     shift2_b = ((weights @ gram) * weights).sum(1) / n_b ** 2
     dot_b = (weights @ dots) / n_b
@@ -366,6 +382,15 @@ def _bias(m: _Moments, names: list[str], ref: torch.Tensor, trace: float,
             "relative_bias": max(shift2 - trace / r, 0.0) ** 0.5 / norm_ref,
             "cosine_ci": _interval(cos_b),
             "exact_norm": norm_ref}
+
+
+def _block_weights(blocks: int, num_bootstrap: int, generator: torch.Generator
+                   ) -> torch.Tensor:
+    """How often each of ``blocks`` chunks is picked in each bootstrap resample (with
+    replacement), ``(num_bootstrap, blocks)`` float64."""
+    picks = torch.randint(0, blocks, (num_bootstrap, blocks), generator=generator)
+    return torch.zeros(num_bootstrap, blocks, dtype=torch.float64).scatter_add_(
+        1, picks, torch.ones_like(picks, dtype=torch.float64))
 
 
 def _block_parts(m: _Moments, name: str) -> tuple[torch.Tensor, torch.Tensor, float]:
