@@ -7,13 +7,12 @@ estimator (score, score-avg-baseline, rloo, vimco, gumbel-softmax, straight-thro
 its smallest number of samples per image (1; 2 for rloo and vimco). The plain loop is one
 Pyro ``loss_and_grads`` per draw (the lab's reference path), timed on ``--loop-draws`` draws
 per estimator and scaled to the experiment's count. The paths the experiment took (the
-accelerators chosen for the draws and the oracle) are printed with the timings. Usage::
+accelerators chosen for the draws and the oracle) are printed with the timings. The
+experiment's clock starts after torch's one-time lazy import of ``torch._dynamo`` (which the
+first optimizer or ``torch.func`` transform of a process triggers); that import is timed and
+printed apart. Usage::
 
     python scripts/bench_discrete.py              # about 1.5 minutes on this 2-core CPU
-
-The experiment's clock starts after torch's one-time lazy import of ``torch._dynamo`` (which
-the first optimizer or ``torch.func`` transform of a process triggers); that import is timed
-and printed apart.
     python scripts/bench_discrete.py --threads 1  # one core (docs/discrete.md has both)
 """
 

@@ -434,6 +434,19 @@ def test_lab_bias_column_separates_unbiased_from_relaxed():
     assert relaxed["relative_error_ci"][0] > enc["rloo"]["relative_error_ci"][1]
 
 
+def test_lab_trace_interval_has_width_with_few_chunks():
+    """Below MIN_BOOTSTRAP_CHUNKS chunks (here one chunk of 20 draws) the trace's interval
+    resamples single draws: a resample of one chunk would be the chunk itself, a zero-width
+    interval."""
+    from pyro_vae.lab.variance import measure_gradient_variance
+
+    _, vae = tiny_vae("bernoulli", "score")
+    res = measure_gradient_variance(vae, images(8), ["score"], num_draws=20, num_bootstrap=100)
+    enc = res["estimators"]["score"]["groups"]["encoder"]
+    lo, hi = enc["trace_ci"]
+    assert lo < enc["trace"] < hi and hi - lo > 0.05 * enc["trace"]
+
+
 def test_temperature_anneals_geometrically_and_the_trainer_sets_it():
     from conftest import small_dataset
 

@@ -169,11 +169,11 @@ def test_variance_benchmark_scripts_run(capsys):
     assert "antithetic analytic-kl pairs" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("blocks", [False, True])
-def test_trace_interval_covers_a_known_trace(blocks):
-    # draws g = ref + N(0, s^2 I) of two parameters: tr Cov = P s^2. With ``blocks`` (the
-    # discrete lab, where the bias is bootstrapped over chunks) the trace's interval resamples
-    # the chunks' sums instead of per-draw norms; both must cover the truth, equally wide.
+@pytest.mark.parametrize("chunked", [False, True])
+def test_trace_interval_covers_a_known_trace(chunked):
+    # draws g = ref + N(0, s^2 I) of two parameters: tr Cov = P s^2. ``chunked`` (the discrete
+    # lab with enough chunks, where the bias is bootstrapped over chunks too) resamples the
+    # chunks' sums instead of per-draw norms; both must cover the truth, equally wide.
     from pyro_vae.lab.variance import _Moments, _summary
 
     torch.manual_seed(0)
@@ -183,7 +183,7 @@ def test_trace_interval_covers_a_known_trace(blocks):
     widths, covered = [], 0
     for seed in range(20):
         gen = torch.Generator().manual_seed(seed)
-        m = _Moments(ref, {"a": list(ref)}, blocks=blocks)
+        m = _Moments(ref, {"a": list(ref)}, blocks=chunked, chunk_bootstrap=chunked)
         for _ in range(r // chunk):
             m.add({k: v + s * torch.randn(chunk, *v.shape, generator=gen)
                    for k, v in ref.items()})

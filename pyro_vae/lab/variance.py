@@ -164,22 +164,25 @@ class _Moments:
     """
 
     def __init__(self, reference: dict[str, torch.Tensor], groups: dict[str, list[str]],
-                 blocks: bool = False):
+                 blocks: bool = False, chunk_bootstrap: bool = False):
         self.reference = reference
         self.groups = groups
         self.count = 0
         #: with ``blocks``, each chunk's summed deviation per parameter and its draw count: the
-        #: bootstraps (of the mean gradient's distance to the reference, its cosine and the
-        #: trace) resample chunks, and no per-draw quantity is computed
+        #: bootstrap of the mean gradient's distance to the reference (and its cosine)
+        #: resamples chunks
         self.block_sums: dict[str, list[torch.Tensor]] | None = \
-            {k: [] for k in reference} if blocks else None
+            {k: [] for k in reference} if blocks or chunk_bootstrap else None
+        #: the trace's bootstrap resamples chunks too (from per-chunk sums, so nothing is
+        #: computed draw by draw), instead of single draws; for enough chunks only
+        self.chunk_bootstrap = chunk_bootstrap
         self.block_counts: list[int] = []
         #: per parameter, its block sums' Gram matrix, dots with the reference and |sum|^2
         #: (:func:`_block_parts`)
         self.block_parts: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
         self.sum = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in reference.items()}
         self.sumsq = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in reference.items()}
-        # per draw (with ``blocks``: per chunk, summed over its draws), per group:
+        # per draw (with ``chunk_bootstrap``: per chunk, summed over its draws), per group:
         # ||g - ref||^2 and (g - ref) . ref, for the bootstrap
         self.sq_dev: dict[str, list[torch.Tensor]] = {g: [] for g in groups}
         self.dot_ref: dict[str, list[torch.Tensor]] = {g: [] for g in groups}
@@ -191,14 +194,14 @@ class _Moments:
         names = list(grads)
         n = grads[names[0]].shape[0]
         args = ([grads[k] for k in names], [self.reference[k] for k in names])
-        blocks = self.block_sums is not None
+        chunked = self.chunk_bootstrap
         parts = self.kernel(*args) if self.kernel is not None and n == self.kernel_draws \
-            else _chunk_moments(*args, per_draw=not blocks)
+            else _chunk_moments(*args, per_draw=not chunked)
         sq_norms, dots = {}, {}
         for k, (total, total_sq, sq_norm, dot) in zip(names, parts):
-            if blocks:
+            if self.block_sums is not None:
                 self.block_sums[k].append(total.reshape(-1).float().clone())
-                # the chunk's sums over its draws, from the per-parameter sums
+            if chunked:  # the chunk's sums over its draws, from the per-parameter sums
                 sq_norm = total_sq.sum().reshape(1)
                 dot = (total.reshape(-1) @ self.reference[k].reshape(-1).float()).reshape(1)
             self.sum[k] += total.double().view_as(self.sum[k])
@@ -300,7 +303,7 @@ def _summary(m: _Moments, oracle: dict[str, torch.Tensor], num_bootstrap: int,
     r = m.count
     out: dict[str, dict[str, Any]] = {}
     block_weights = boot_idx = None
-    if m.block_sums is not None:
+    if m.chunk_bootstrap:
         block_weights = _block_weights(len(m.block_counts), num_bootstrap, generator)
     else:
         boot_idx = torch.randint(0, r, (num_bootstrap, r), generator=generator)
@@ -317,7 +320,7 @@ def _summary(m: _Moments, oracle: dict[str, torch.Tensor], num_bootstrap: int,
         snr = ((mean.abs()[ok] / std[ok]).mean().item()) if bool(ok.any()) else math.inf
         ref_norm = ref.norm().item()
         cosine = (mean @ ref).item() / max(math.sqrt(norm2) * ref_norm, 1e-300)
-        # Bootstrap over draws (with blocks: over chunks of draws, whose sums were kept).
+        # Bootstrap over draws (or over chunks of draws, whose sums were kept).
         # ||mean* - ref||^2 is held at its full-sample value; it is O(trace / R) for unbiased
         # estimators, a correction small next to the resampled term.
         sq_dev = torch.cat(m.sq_dev[group])
@@ -382,6 +385,12 @@ def _bias(m: _Moments, names: list[str], ref: torch.Tensor, trace: float,
             "relative_bias": max(shift2 - trace / r, 0.0) ** 0.5 / norm_ref,
             "cosine_ci": _interval(cos_b),
             "exact_norm": norm_ref}
+
+
+#: Chunks of draws from which the discrete lab bootstraps the trace's interval by chunk: with
+#: fewer, a resample of chunks varies too little (one chunk: not at all), and the interval
+#: resamples single draws.
+MIN_BOOTSTRAP_CHUNKS = 20
 
 
 def _block_weights(blocks: int, num_bootstrap: int, generator: torch.Generator
@@ -914,7 +923,8 @@ def measure_gradient_variance(vae: VAE, x: torch.Tensor, estimators: Sequence[st
         boots: dict[str, dict[str, torch.Tensor]] = {}
         for name in names:
             est = ESTIMATORS[name]
-            moments = _Moments(oracle, groups, blocks=discrete)
+            moments = _Moments(oracle, groups, blocks=discrete, chunk_bootstrap=discrete and (
+                num_draws >= MIN_BOOTSTRAP_CHUNKS * chunk_size))
             seconds, start = 0.0, time.perf_counter()
             # exact's draws are the exact gradient itself: in bf16 they would sit 3-4.5% from
             # the float32 oracle, a "bias" that is only rounding

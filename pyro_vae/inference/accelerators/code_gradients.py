@@ -403,7 +403,7 @@ class CodeGradients:
         resid = self._probs(rows)
         torch.sub(self.x, resid, out=resid)
         resid = resid.view(n, k * b, -1)
-        c = c.view(n, k * b, 1)
+        c = c.reshape(n, k * b, 1)
         back = c * rows["back"].view(n, k * b, -1)  # = c (x - sigmoid(l)) W_last, from tables
         last = len(self.layers) - 1
         for i in range(last, -1, -1):
