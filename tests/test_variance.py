@@ -197,3 +197,28 @@ def test_trace_interval_covers_a_known_trace(chunked):
     # draws is sqrt(2 / (620 * 2000)) = 0.13%: a 95% interval about 0.5% wide
     assert covered >= 16
     assert 0.003 < sum(widths) / len(widths) < 0.008
+
+
+def test_chunked_trace_interval_of_a_biased_estimator_stays_around_its_trace():
+    # draws g = ref + bias + N(0, s^2 I) with ||bias||^2 = 100 tr Cov (a relaxed estimator far
+    # from the exact gradient): the trace is still P s^2, and the interval must cover it
+    # rather than swing with the bias's cross term (below zero, before)
+    from pyro_vae.lab.variance import _Moments, _summary
+
+    torch.manual_seed(0)
+    ref = {"a.weight": torch.randn(30, 20), "a.bias": torch.randn(30)}
+    s, r, chunk = 0.3, 1000, 25
+    truth = s ** 2 * sum(v.numel() for v in ref.values())
+    bias = {k: torch.randn(v.shape) * s * 10 for k, v in ref.items()}
+    covered = 0
+    for seed in range(10):
+        gen = torch.Generator().manual_seed(seed)
+        m = _Moments(ref, {"a": list(ref)}, blocks=True, chunk_bootstrap=True)
+        for _ in range(r // chunk):
+            m.add({k: v + bias[k] + s * torch.randn(chunk, *v.shape, generator=gen)
+                   for k, v in ref.items()})
+        out = _summary(m, ref, 500, torch.Generator().manual_seed(seed))["a"]
+        lo, hi = out["trace_ci"]
+        assert 0 < lo < out["trace"] < hi < 1.05 * truth
+        covered += lo <= truth <= hi
+    assert covered >= 8

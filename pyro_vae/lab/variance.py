@@ -320,15 +320,20 @@ def _summary(m: _Moments, oracle: dict[str, torch.Tensor], num_bootstrap: int,
         snr = ((mean.abs()[ok] / std[ok]).mean().item()) if bool(ok.any()) else math.inf
         ref_norm = ref.norm().item()
         cosine = (mean @ ref).item() / max(math.sqrt(norm2) * ref_norm, 1e-300)
-        # Bootstrap over draws (or over chunks of draws, whose sums were kept).
+        # Bootstrap over draws (or over chunks of draws, whose sums were kept). Over draws,
         # ||mean* - ref||^2 is held at its full-sample value; it is O(trace / R) for unbiased
         # estimators, a correction small next to the resampled term.
         sq_dev = torch.cat(m.sq_dev[group])
         dot = torch.cat(m.dot_ref[group])
         shift2 = (shift ** 2).sum().item()
         if block_weights is not None:
+            # each resample's own trace: sum ||d||^2 - n* ||mean* - ref||^2 over n* - 1, the
+            # second term from the chunks' Gram matrix (held fixed, it would carry a biased
+            # estimator's ||bias||^2 fluctuations into the interval, even below zero)
             n_b = block_weights @ torch.tensor(m.block_counts, dtype=torch.float64)
-            trace_b = r / (r - 1) * ((block_weights @ sq_dev) / n_b - shift2)
+            gram = sum(_block_parts(m, k)[0] for k in names)
+            shift2_b = ((block_weights @ gram) * block_weights).sum(1) / n_b ** 2
+            trace_b = (block_weights @ sq_dev - n_b * shift2_b) / (n_b - 1)
             dot_b = (block_weights @ dot) / n_b
         else:
             trace_b = r / (r - 1) * (sq_dev[boot_idx].mean(1) - shift2)
