@@ -332,7 +332,7 @@ def _summary(m: _Moments, oracle: dict[str, torch.Tensor], num_bootstrap: int,
             # estimator's ||bias||^2 fluctuations into the interval, even below zero)
             n_b = block_weights @ torch.tensor(m.block_counts, dtype=torch.float64)
             gram = sum(_block_parts(m, k)[0] for k in names)
-            shift2_b = ((block_weights @ gram) * block_weights).sum(1) / n_b ** 2
+            shift2_b = _resampled_shift2(block_weights, gram, n_b)
             trace_b = (block_weights @ sq_dev - n_b * shift2_b) / (n_b - 1)
             dot_b = (block_weights @ dot) / n_b
         else:
@@ -374,7 +374,7 @@ def _bias(m: _Moments, names: list[str], ref: torch.Tensor, trace: float,
     shift2 = sum(p[2] for p in parts) / r ** 2
     weights = _block_weights(len(counts), num_bootstrap, boot_generator)
     n_b = weights @ counts
-    shift2_b = ((weights @ gram) * weights).sum(1) / n_b ** 2
+    shift2_b = _resampled_shift2(weights, gram, n_b)
     dot_b = (weights @ dots) / n_b
     norm_ref = max(ref2 ** 0.5, 1e-300)
     # basic (reflected) bootstrap on the squared distance: a resampled mean sits farther
@@ -405,6 +405,13 @@ def _block_weights(blocks: int, num_bootstrap: int, generator: torch.Generator
     picks = torch.randint(0, blocks, (num_bootstrap, blocks), generator=generator)
     return torch.zeros(num_bootstrap, blocks, dtype=torch.float64).scatter_add_(
         1, picks, torch.ones_like(picks, dtype=torch.float64))
+
+
+def _resampled_shift2(weights: torch.Tensor, gram: torch.Tensor, n_b: torch.Tensor
+                      ) -> torch.Tensor:
+    """||mean* - reference||^2 of each resample: ``w^T G w / n*^2`` for the chunks' picks
+    ``w``, their sums' Gram matrix ``G`` and draw counts ``n*``."""
+    return ((weights @ gram) * weights).sum(1) / n_b ** 2
 
 
 def _block_parts(m: _Moments, name: str) -> tuple[torch.Tensor, torch.Tensor, float]:
