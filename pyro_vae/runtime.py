@@ -13,6 +13,7 @@ import ctypes
 import ctypes.util
 import math
 import os
+import time
 
 import torch
 
@@ -144,3 +145,41 @@ def check_memory(estimate: float, what: str, fix: str) -> None:
     raise ResourceError(f"{what} needs about {human_bytes(estimate)} of memory but "
                         f"{human_bytes(limit)} is {source}; {fix}, or set --memory-limit "
                         f"(Python: pyro_vae.runtime.set_memory_limit) if the estimate is wrong")
+
+
+# -- how much of the machine a benchmark had ------------------------------------------------------
+def gemm_peak(dtype: torch.dtype = torch.float32, size: int = 2048, repeats: int = 5) -> float:
+    """Measured GFLOP/s of a large square matmul: the practical peak for ``dtype`` at this
+    moment (benchmarks report rates against it, since a shared machine's speed varies)."""
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e9
+
+
+def cpu_ticks() -> list[int]:
+    """The machine-wide CPU time counters of /proc/stat (user, nice, system, idle, iowait,
+    irq, softirq, steal), or an empty list where there are none."""
+    try:
+        with open("/proc/stat") as f:
+            return [int(t) for t in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return []
+
+
+def busy_report(before: list[int], after: list[int], own_cpu: float, wall: float) -> str:
+    """How much of the machine this process had between two :func:`cpu_ticks`: its CPU time
+    per wall second, the time other processes ran, and the time the hypervisor took (steal)."""
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    if not before or not after:
+        return f"load {load:.1f}"
+    d = [b - a for a, b in zip(before, after, strict=True)]
+    hz = os.sysconf("SC_CLK_TCK")
+    total = sum(d) / hz  # cpu-seconds available to the guest
+    busy = (d[0] + d[1] + d[2] + d[5] + d[6]) / hz
+    others = max(0.0, busy - own_cpu)
+    return (f"this process {own_cpu / wall:.2f} cores, others {others / wall:.2f} cores, "
+            f"steal {100 * d[7] / max(1, sum(d)):.0f}% of {total / wall:.1f} cores, "
+            f"load {load:.1f}")

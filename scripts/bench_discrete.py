@@ -10,7 +10,10 @@ per estimator and scaled to the experiment's count. The paths the experiment too
 accelerators chosen for the draws and the oracle) are printed with the timings. The
 experiment's clock starts after torch's one-time lazy import of ``torch._dynamo`` (which the
 first optimizer or ``torch.func`` transform of a process triggers); that import is timed and
-printed apart. Usage::
+printed apart. So that runs at busy and quiet moments of a shared machine can be compared, the
+script also prints the float32 GEMM rate measured just before the clock, the least time the
+draws' matrix products could take at that rate, and how much of the machine the experiment had
+(its CPU time per second, other processes, the hypervisor's steal). Usage::
 
     python scripts/bench_discrete.py              # about 1.5 minutes on this 2-core CPU
     python scripts/bench_discrete.py --threads 1  # one core (docs/discrete.md has both)
@@ -25,7 +28,7 @@ import time
 
 import torch
 
-from pyro_vae.runtime import reuse_freed_memory
+from pyro_vae.runtime import busy_report, cpu_ticks, gemm_peak, reuse_freed_memory
 
 ESTIMATORS = ["score", "score-avg-baseline", "rloo", "vimco", "gumbel-softmax",
               "straight-through"]
@@ -38,6 +41,21 @@ def ms_per_draw(vae, name: str, x: torch.Tensor, draws: int, particles: int, **k
     for _ in gradient_draws(vae, name, x, draws, num_particles=particles, **kw):
         pass
     return 1e3 * (time.perf_counter() - start) / draws
+
+
+def product_flops(bits: int, hidden: int, pixels: int, batch: int, draws: int,
+                  particles: int) -> float:
+    """FLOPs of the matrix products the experiment's draws cannot avoid, per checkpoint: the
+    per-draw weight gradients of the decoder's last layer (one row per particle and image) and
+    of the encoder's first layer (one row per image: its forward pass is shared by the
+    particles), plus, for gumbel-softmax's soft codes, the decoder's last layer forward and its
+    backward to the hidden layer (hard codes read those from the per-code tables)."""
+    one = 2 * hidden * pixels * batch  # one product of a hidden x pixels layer over the batch
+    total = 0.0
+    for name in ESTIMATORS:
+        k = max(particles, 2 if name in ("rloo", "vimco") else 1)
+        total += (k + 1) * one + (2 * k * one if name == "gumbel-softmax" else 0)
+    return draws * total
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,10 +92,14 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     importlib.import_module("torch._dynamo")
     import_s = time.perf_counter() - start
-    start = time.perf_counter()
+    peak = gemm_peak(torch.float32)
+    before, cpu, start = cpu_ticks(), time.process_time(), time.perf_counter()
     exp = variance_experiment(cfg, dataset, ESTIMATORS, checkpoints=args.checkpoints,
                               num_draws=args.draws, measure_batch=256)
     total = time.perf_counter() - start
+    busy = busy_report(before, cpu_ticks(), time.process_time() - cpu, total)
+    flops = len(args.checkpoints) * product_flops(args.bits, args.hidden, 784, 256, args.draws,
+                                                  args.particles)
     oracle = sum(m["oracle_seconds"] for m in exp["measurements"])
     draws = sum(r["seconds_per_draw"] * exp["num_draws"]
                 for m in exp["measurements"] for r in m["estimators"].values())
@@ -91,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{oracle:.1f} s, gradient draws {draws:.1f} s, moments, bootstrap and probes "
           f"{measure_s - oracle - draws:.1f} s)", flush=True)
     print("paths: " + "; ".join(paths), flush=True)
+    print(f"machine: float32 GEMM {peak:.0f} GFLOP/s just before the clock, at which the draws' "
+          f"{flops / 1e12:.2f} TFLOP of products take at least {flops / peak / 1e9:.1f} s (the "
+          f"draws took {draws:.1f} s); during the experiment: {busy}", flush=True)
 
     vae = VAE.from_config(cfg, dataset.image_shape)
     x = fixed_minibatch(dataset, cfg, 256)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 import time
 
@@ -27,7 +26,7 @@ import torch
 
 from pyro_vae.app.commands import run_split
 from pyro_vae.metrics.loglik import FAST_CHUNK, importance_log_likelihood
-from pyro_vae.runtime import reuse_freed_memory
+from pyro_vae.runtime import busy_report, cpu_ticks, gemm_peak, reuse_freed_memory
 from pyro_vae.training.runs import load_run
 
 #: float32 matmul peak of the 2-core development CPU in GFLOP/s (AVX-512, 2 FMA units).
@@ -49,45 +48,10 @@ def plain_loop(vae, x: torch.Tensor, num_samples: int, chunk: int = 1000) -> tor
     return torch.stack(out)
 
 
-def gemm_peak(dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
-    """Measured GFLOP/s of a large square matmul: the practical peak for ``dtype``."""
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
-    a @ b
-    start = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e9
-
-
 def decoder_flops(vae) -> int:
     """Multiply-add FLOPs of one decoder evaluation (its linear layers)."""
     return sum(2 * m.in_features * m.out_features for m in vae.decoder.modules()
                if isinstance(m, torch.nn.Linear))
-
-
-def cpu_ticks() -> list[int]:
-    """The machine-wide CPU time counters of /proc/stat (empty where there is none)."""
-    try:
-        with open("/proc/stat") as f:
-            return [int(t) for t in f.readline().split()[1:9]]
-    except OSError:
-        return []
-
-
-def busy_report(before: list[int], after: list[int], own_cpu: float, wall: float) -> str:
-    """How much of the machine this process had: its CPU time per wall second, the time other
-    processes ran, and the time the hypervisor took (steal)."""
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    if not before or not after:
-        return f"load {load:.1f}"
-    d = [b - a for a, b in zip(before, after, strict=True)]
-    hz = os.sysconf("SC_CLK_TCK")
-    total = sum(d) / hz  # cpu-seconds available to the guest
-    busy = (d[0] + d[1] + d[2] + d[5] + d[6]) / hz
-    others = max(0.0, busy - own_cpu)
-    return (f"this process {own_cpu / wall:.2f} cores, others {others / wall:.2f} cores, "
-            f"steal {100 * d[7] / max(1, sum(d)):.0f}% of {total / wall:.1f} cores, "
-            f"load {load:.1f}")
 
 
 def timed(fn, threads: int):

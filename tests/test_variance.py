@@ -167,6 +167,13 @@ def test_variance_benchmark_scripts_run(capsys):
     assert "default experiment:" in out and "plain loop" in out and "vmap path" in out
     assert _script("oracle_variance").main(["--draws", "4", "--steps", "0"]) == 0
     assert "antithetic analytic-kl pairs" in capsys.readouterr().out
+    # the discrete benchmark, shrunk: its figures and the machine's share are printed
+    assert _script("bench_discrete").main(["--bits", "2", "--hidden", "8", "--draws", "4",
+                                           "--checkpoints", "0", "1", "--loop-draws", "1",
+                                           "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "default discrete experiment" in out and "plain loop" in out
+    assert "GFLOP/s just before the clock" in out and "cores" in out
 
 
 @pytest.mark.parametrize("chunked", [False, True])

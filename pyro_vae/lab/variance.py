@@ -183,7 +183,7 @@ class _Moments:
         self.sum = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in reference.items()}
         self.sumsq = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in reference.items()}
         # per draw (with ``chunk_bootstrap``: per chunk, summed over its draws), per group:
-        # ||g - ref||^2 and (g - ref) . ref, for the bootstrap
+        # ||g - ref||^2, and per draw (g - ref) . ref, for the bootstrap
         self.sq_dev: dict[str, list[torch.Tensor]] = {g: [] for g in groups}
         self.dot_ref: dict[str, list[torch.Tensor]] = {g: [] for g in groups}
         self.kernel: Callable[..., Any] | None = None  # compiled _chunk_moments, if any
@@ -201,15 +201,17 @@ class _Moments:
         for k, (total, total_sq, sq_norm, dot) in zip(names, parts):
             if self.block_sums is not None:
                 self.block_sums[k].append(total.reshape(-1).float().clone())
-            if chunked:  # the chunk's sums over its draws, from the per-parameter sums
-                sq_norm = total_sq.sum().reshape(1)
-                dot = (total.reshape(-1) @ self.reference[k].reshape(-1).float()).reshape(1)
+            if chunked:  # the chunk's sum of squares over its draws, from the per-parameter
+                sq_norm = total_sq.sum().reshape(1)  # sums (its dots come from block_sums)
             self.sum[k] += total.double().view_as(self.sum[k])
             self.sumsq[k] += total_sq.double().view_as(self.sumsq[k])
-            sq_norms[k], dots[k] = sq_norm.double(), dot.double()
+            sq_norms[k] = sq_norm.double()
+            if not chunked:
+                dots[k] = dot.double()
         for group, members in self.groups.items():
             self.sq_dev[group].append(sum(sq_norms[k] for k in members))
-            self.dot_ref[group].append(sum(dots[k] for k in members))
+            if not chunked:
+                self.dot_ref[group].append(sum(dots[k] for k in members))
         self.count += n
         self.block_counts.append(n)
 
@@ -324,7 +326,6 @@ def _summary(m: _Moments, oracle: dict[str, torch.Tensor], num_bootstrap: int,
         # ||mean* - ref||^2 is held at its full-sample value; it is O(trace / R) for unbiased
         # estimators, a correction small next to the resampled term.
         sq_dev = torch.cat(m.sq_dev[group])
-        dot = torch.cat(m.dot_ref[group])
         shift2 = (shift ** 2).sum().item()
         if block_weights is not None:
             # each resample's own trace: sum ||d||^2 - n* ||mean* - ref||^2 over n* - 1, the
@@ -334,23 +335,23 @@ def _summary(m: _Moments, oracle: dict[str, torch.Tensor], num_bootstrap: int,
             gram = sum(_block_parts(m, k)[0] for k in names)
             shift2_b = _resampled_shift2(block_weights, gram, n_b)
             trace_b = (block_weights @ sq_dev - n_b * shift2_b) / (n_b - 1)
-            dot_b = (block_weights @ dot) / n_b
         else:
             trace_b = r / (r - 1) * (sq_dev[boot_idx].mean(1) - shift2)
-            dot_b = dot[boot_idx].mean(1)
-        norm2_b = (ref_norm ** 2 + 2 * dot_b + shift2).clamp_min(1e-300)
-        cosine_b = (ref_norm ** 2 + dot_b) / (norm2_b.sqrt() * max(ref_norm, 1e-300))
         out[group] = {
             "num_params": int(mean.numel()), "trace": trace, "mean_variance": trace / mean.numel(),
             "relative_variance": trace / max(norm2, 1e-300), "snr": snr, "cosine": cosine,
             "mean_norm": math.sqrt(norm2),
             "trace_ci": _interval(trace_b), "mean_variance_ci": _interval(trace_b / mean.numel()),
-            "cosine_ci": _interval(cosine_b),
             "_trace_boot": trace_b,  # removed before returning; used for ratio intervals
         }
-        if m.block_sums is not None:
+        if m.block_sums is not None:  # the bias, and the cosine's interval, by chunks
             out[group].update(_bias(m, names, ref, trace, boot_generator=generator,
                                     num_bootstrap=num_bootstrap))
+        else:  # the cosine's interval over single draws
+            dot_b = torch.cat(m.dot_ref[group])[boot_idx].mean(1)
+            norm2_b = (ref_norm ** 2 + 2 * dot_b + shift2).clamp_min(1e-300)
+            out[group]["cosine_ci"] = _interval(
+                (ref_norm ** 2 + dot_b) / (norm2_b.sqrt() * max(ref_norm, 1e-300)))
     return out
 
 
