@@ -5,7 +5,7 @@ gradient (:class:`~pyro_vae.inference.discrete.ExactELBO`, a sum over the code t
 estimator's mean gradient can be compared with the truth: its bias, not only its variance.
 
 The draws of the discrete estimators are vectorized the way the Gaussian ones are
-(:func:`pyro_vae.lab.variance._split_per_draw`): the encoder's forward pass and its
+(:func:`pyro_vae.lab.bound.split_draws`): the encoder's forward pass and its
 vector-Jacobian product are shared by all draws and pulled back from the cotangents at the
 logits of q(z|x); decoder and prior are differentiated per draw with ``vmap(grad(...))``. The
 noise of a draw is what Pyro's guide would sample: the codes themselves for the score-function
@@ -19,7 +19,6 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch.func import functional_call, grad, vmap
 
 from ..inference.accelerators import PathChoice, record, relative_difference
 from ..inference.accelerators.code_gradients import exact_table_gradient, shared_code_encoder
@@ -29,7 +28,7 @@ from ..inference.estimators import Draw, Estimator
 from ..inference.program import running_estimator
 from ..models.vae import VAE
 from ..registry import ESTIMATORS
-from .bound import Bound
+from .bound import split_draws
 
 
 @torch.no_grad()
@@ -158,18 +157,4 @@ def discrete_draws(vae: VAE, estimator: Estimator, x: torch.Tensor,
                     temperature=temperature, relaxed_density=relaxed_density)
         return estimator.draw_loss(draw)
 
-    bound = Bound(vae, draw_of)
-
-    def rest_loss(logits: torch.Tensor, p: dict[str, torch.Tensor], noise: torch.Tensor
-                  ) -> torch.Tensor:
-        return functional_call(bound, {f"vae.{k}": v for k, v in p.items()}, (logits, noise))
-
-    per_draw = vmap(grad(rest_loss, argnums=(0, 1)), in_dims=(None, None, 0),
-                    randomness="error")
-
-    def draws(noise: torch.Tensor) -> dict[str, torch.Tensor]:
-        g_logits, g_rest = per_draw(logits, rest, noise)
-        (g_enc,) = vmap(pull_back)(g_logits)
-        return {**{f"encoder.{k}": v for k, v in g_enc.items()}, **g_rest}
-
-    return draws
+    return split_draws(vae, draw_of, (logits,), pull_back, rest)

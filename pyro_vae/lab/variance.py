@@ -46,6 +46,7 @@ from ..inference.program import log_weights, param_scope, running_estimator, tra
 from ..models.vae import VAE
 from ..registry import ESTIMATORS
 from .bound import Bound as _Bound
+from .bound import split_draws
 from .discrete import discrete_code, discrete_draws, discrete_noise, exact_oracle
 
 #: Matrix-product precision of the vectorized draws -> context manager.
@@ -457,15 +458,9 @@ def _prior_uses_encoder(vae: VAE) -> bool:
 def _split_per_draw(vae: VAE, estimator: Estimator, x: torch.Tensor,
                     baseline: torch.Tensor | None, params: dict[str, torch.Tensor]
                     ) -> Callable[[torch.Tensor], dict[str, torch.Tensor]]:
-    """``eps -> per-draw gradients`` with the encoder's forward pass shared by all draws.
-
-    The encoder sees the same x in every draw, so its forward pass and its vector-Jacobian
-    product are built once (``torch.func.vjp``); only the cotangents at q's loc and scale differ
-    per draw. Pulling a chunk of them back at once (``vmap`` of the vjp) turns each encoder
-    layer's per-draw weight gradients into one matrix product against the shared activations.
-    The decoder and prior, whose inputs (z) differ per draw, are differentiated per draw with
-    ``vmap(grad(...))``. Only valid when the prior does not use the encoder.
-    """
+    """``eps -> per-draw gradients`` with the encoder's forward pass shared by all draws
+    (:func:`~pyro_vae.lab.bound.split_draws`: only the cotangents at q's loc and scale differ
+    per draw). Only valid when the prior does not use the encoder."""
     enc = {k[len("encoder."):]: v for k, v in params.items() if k.startswith("encoder.")}
     rest = {k: v for k, v in params.items() if not k.startswith("encoder.")}
     with torch.no_grad():
@@ -476,23 +471,14 @@ def _split_per_draw(vae: VAE, estimator: Estimator, x: torch.Tensor,
         return base.loc, base.scale
 
     (loc, scale), pull_back = vjp(encode, enc)
-    bound = _Bound(vae, lambda v, q, eps: _draw_of(v, estimator, x, q, eps, baseline))
 
-    def rest_loss(loc: torch.Tensor, scale: torch.Tensor, p: dict[str, torch.Tensor],
-                  eps: torch.Tensor) -> torch.Tensor:
+    def draw_of(v: VAE, loc: torch.Tensor, scale: torch.Tensor, eps: torch.Tensor
+                ) -> torch.Tensor:
         base = type(template.base_dist)(loc, scale, validate_args=False)
         q = type(template)(base, template.reinterpreted_batch_ndims, validate_args=False)
-        return functional_call(bound, {f"vae.{k}": v for k, v in p.items()}, (q, eps))
+        return _draw_of(v, estimator, x, q, eps, baseline)
 
-    per_draw = vmap(grad(rest_loss, argnums=(0, 1, 2)), in_dims=(None, None, None, 0),
-                    randomness="error")
-
-    def draws(eps: torch.Tensor) -> dict[str, torch.Tensor]:
-        g_loc, g_scale, g_rest = per_draw(loc, scale, rest, eps)
-        (g_enc,) = vmap(pull_back)((g_loc, g_scale))
-        return {**{f"encoder.{k}": v for k, v in g_enc.items()}, **g_rest}
-
-    return draws
+    return split_draws(vae, draw_of, (loc, scale), pull_back, rest)
 
 
 def _pyro_draws(vae: VAE, estimator: Estimator, x: torch.Tensor, params: dict[str, Any],
