@@ -58,13 +58,14 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     exp = variance_experiment(cfg, dataset, ESTIMATORS, checkpoints=args.checkpoints,
                               num_draws=args.draws, oracle_draws=args.oracle_draws,
-                              precision="bf16")
+                              precision="auto")
     total = time.perf_counter() - start
     oracle = sum(m["oracle_seconds"] for m in exp["measurements"])
     compile_s = sum(m["compile_seconds"] for m in exp["measurements"])
     draws = sum(r["seconds_per_draw"] * exp["num_draws"]
                 for m in exp["measurements"] for r in m["estimators"].values())
     train_s, measure_s = exp["timing"]["reference_training_s"], exp["timing"]["measurement_s"]
+    print(f"draw precision {exp['precision']} ({exp['precision_choice']})", flush=True)
     print(f"default experiment: {total:.1f} s in all = reference training {train_s:.1f} s + "
           f"measurement {measure_s:.1f} s (oracle {oracle:.1f} s, gradient draws {draws:.1f} s, "
           f"moment-kernel compile {compile_s:.1f} s, moments and bootstrap "

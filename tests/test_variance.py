@@ -11,6 +11,7 @@ from conftest import tiny_config
 
 from pyro_vae import ESTIMATORS, VAE
 from pyro_vae.app.cli import main
+from pyro_vae.errors import ConfigError
 from pyro_vae.inference.accelerators.mlp_gradients import SUPPORTED
 from pyro_vae.inference.estimators import AVG_BASELINE_PARAM
 from pyro_vae.lab.variance import gradient_draws, measure_gradient_variance
@@ -101,6 +102,12 @@ def test_variance_cli_writes_results_and_rejects_bad_input(tmp_path, capsys):
         assert (out / name).stat().st_size > 0, name
     header, *rows = (out / "variance.csv").read_text().splitlines()
     assert "ratio_to_reparam" in header and len(rows) >= 2 * 3 * 2
+    # the default draw precision is measured, and recorded with the measurement behind it
+    from pyro_vae.inference.precision import fast_product_precision
+
+    result = json.loads((out / "variance.json").read_text())
+    assert result["precision"] == fast_product_precision("cpu")[0]
+    assert result["precision_choice"].startswith("auto: bf16 products ")
     assert main(args) == 2  # nothing already written is overwritten
     assert "already holds" in capsys.readouterr().err
     assert main(["variance", "--out", str(tmp_path / "w"), "--draws", "1"]) == 2
@@ -206,26 +213,78 @@ def test_trace_interval_covers_a_known_trace(chunked):
     assert 0.003 < sum(widths) / len(widths) < 0.008
 
 
-def test_chunked_trace_interval_of_a_biased_estimator_stays_around_its_trace():
+@pytest.mark.parametrize("exact, chunk, block_draws", [
+    (True, 25, 25),  # the discrete lab: an exact reference, chunks of 25 draws
+    (False, 25, 25),  # the Gaussian lab: a reparametrized reference, no bias reported
+    (True, 1, 25),  # Pyro's path: single draws, merged into blocks of 25
+    (False, 25, 50),  # many chunks: merged into fewer, larger blocks
+])
+def test_block_trace_interval_of_a_biased_estimator_stays_around_its_trace(exact, chunk,
+                                                                          block_draws):
     # draws g = ref + bias + N(0, s^2 I) with ||bias||^2 = 100 tr Cov (a relaxed estimator far
-    # from the exact gradient): the trace is still P s^2, and the interval must cover it
-    # rather than swing with the bias's cross term (below zero, before)
+    # from the exact gradient, or iwae against the ELBO's): the trace is still P s^2, and the
+    # interval must cover it rather than swing with the bias's cross term (below zero, before)
     from pyro_vae.lab.variance import _Moments, _summary
 
     torch.manual_seed(0)
     ref = {"a.weight": torch.randn(30, 20), "a.bias": torch.randn(30)}
-    s, r, chunk = 0.3, 1000, 25
+    s, r = 0.3, 1000
     truth = s ** 2 * sum(v.numel() for v in ref.values())
     bias = {k: torch.randn(v.shape) * s * 10 for k, v in ref.items()}
     covered = 0
     for seed in range(10):
         gen = torch.Generator().manual_seed(seed)
-        m = _Moments(ref, {"a": list(ref)}, blocks=True, chunk_bootstrap=True)
+        m = _Moments(ref, {"a": list(ref)}, blocks=exact, chunk_bootstrap=True,
+                     block_draws=block_draws)
         for _ in range(r // chunk):
             m.add({k: v + bias[k] + s * torch.randn(chunk, *v.shape, generator=gen)
                    for k, v in ref.items()})
+        assert m.block_counts == [block_draws] * (r // block_draws)
         out = _summary(m, ref, 500, torch.Generator().manual_seed(seed))["a"]
         lo, hi = out["trace_ci"]
         assert 0 < lo < out["trace"] < hi < 1.05 * truth
         covered += lo <= truth <= hi
+        assert ("relative_error" in out) == exact  # the bias only against an exact reference
+        c_lo, c_hi = out["cosine_ci"]
+        assert c_lo <= out["cosine"] <= c_hi
     assert covered >= 8
+
+
+def test_lab_resamples_blocks_of_draws_once_there_are_enough(mnist5k_grey):
+    # from 20 chunks on, the Gaussian lab (like the discrete one) bootstraps blocks of draws,
+    # whose trace is taken around each resample's own mean; Pyro's path, which yields single
+    # draws, fills blocks of chunk_size draws; the bias is reported only against an exact oracle
+    vae = _tiny_vae("iwae")
+    x = _digits(mnist5k_grey, 16)
+    res = measure_gradient_variance(vae, x, ["iwae"], num_draws=500, oracle_draws=100,
+                                    num_particles=4)
+    for name in ("reparam", "iwae"):
+        r = res["estimators"][name]
+        assert r["bootstrap"] == {"trace": "blocks", "blocks": 20}
+        enc = r["groups"]["encoder"]
+        assert 0 < enc["trace_ci"][0] < enc["trace"] < enc["trace_ci"][1]
+        assert enc["cosine_ci"][0] <= enc["cosine"] <= enc["cosine_ci"][1]
+        assert "relative_error" not in enc
+    few = measure_gradient_variance(vae, x, ["iwae"], num_draws=100, oracle_draws=10,
+                                    num_particles=4)
+    assert few["estimators"]["iwae"]["bootstrap"] == {"trace": "draws", "blocks": 0}
+    slow = measure_gradient_variance(vae, x, [], num_draws=40, oracle_draws=10, chunk_size=2,
+                                     vectorized=False)
+    assert slow["estimators"]["reparam"]["bootstrap"] == {"trace": "blocks", "blocks": 20}
+
+
+def test_auto_precision_takes_bf16_only_where_its_products_are_faster(monkeypatch):
+    # a CPU without native bf16 products (AVX2) runs them tens of times slower than float32:
+    # the lab's default precision must follow the measurement, not assume bf16
+    from pyro_vae.inference import precision
+    from pyro_vae.lab.variance import resolve_precision
+
+    for bf16_seconds, expected in ((0.050, "float32"), (0.001, "bf16")):
+        monkeypatch.setattr(precision, "_FAST", {})
+        monkeypatch.setattr(precision, "_product_seconds", lambda dtype, device, size=256, s=(
+            bf16_seconds): s if dtype == torch.bfloat16 else 0.004)
+        choice, why = resolve_precision("auto", torch.device("cpu"))
+        assert choice == expected and why.startswith("auto: bf16 products")
+    assert resolve_precision("float32", torch.device("cpu")) == ("float32", "asked for")
+    with pytest.raises(ConfigError, match="unknown precision 'fp8'"):
+        resolve_precision("fp8", torch.device("cpu"))

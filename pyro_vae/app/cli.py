@@ -255,10 +255,12 @@ def _add_variance(p: argparse.ArgumentParser) -> None:
                    help="sweep: measure on a fixed minibatch of each size")
     p.add_argument("--curve-steps", type=int, default=0,
                    help="also train each estimator this many steps for ELBO curves [default: 0]")
-    p.add_argument("--draw-precision", default="bf16", choices=["bf16", "float32"],
+    p.add_argument("--draw-precision", default="auto", choices=["auto", "bf16", "float32"],
                    help="matrix products of the gradient draws and the oracle; bf16 changes "
                    "per-draw gradients by 0.1-0.4%% and the variances by far less than their "
-                   "intervals (docs/estimators.md) [default: bf16]")
+                   "intervals (docs/estimators.md); auto: bf16 where this CPU runs bf16 "
+                   "products faster than float32 (measured; recorded in variance.json), "
+                   "float32 otherwise [default: auto]")
     p.add_argument("--overwrite", action="store_true", help="replace outputs in DIR")
     p.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
     add_config_flags(p)  # --precision is the reference run's training precision

@@ -21,7 +21,7 @@ from ..inference.estimators import example_posterior
 from ..models.vae import VAE
 from ..registry import ESTIMATORS
 from ..training.trainer import Trainer, _param_store_extras, epoch_order
-from .variance import check_applicable, measure_gradient_variance
+from .variance import check_applicable, measure_gradient_variance, resolve_precision
 
 
 def fixed_minibatch(dataset: Any, cfg: Any, batch_size: int, seed: int = 0) -> torch.Tensor:
@@ -120,6 +120,9 @@ def variance_experiment(cfg: Any, dataset: Any, estimators: Sequence[str] = (
     if not runs:  # before the reference run is trained: what the measurement will refuse
         for latent_dim in list(latent_dims) or [cfg.model.latent_dim]:
             _check_measurable(cfg, estimators, latent_dim)
+    # auto -> bf16 or float32, once for every measurement (recorded with its reason), for the
+    # device the measurements run on: the minibatches' (fixed_minibatch), the CPU
+    precision, precision_choice = resolve_precision(precision, torch.device("cpu"))
     sizes = list(batch_sizes) or [measure_batch]
     rows: list[dict[str, Any]] = []
     timing = {"reference_training_s": 0.0, "measurement_s": 0.0, "curves_s": 0.0}
@@ -172,7 +175,8 @@ def variance_experiment(cfg: Any, dataset: Any, estimators: Sequence[str] = (
         timing["curves_s"] = time.perf_counter() - start
     pyro.clear_param_store()
     return {"estimators": list(estimators), "num_draws": num_draws,
-            "oracle_draws": oracle_draws, "precision": precision, "measurements": rows,
+            "oracle_draws": oracle_draws, "precision": precision,
+            "precision_choice": precision_choice, "measurements": rows,
             "curves": curves, "timing": timing}
 
 

@@ -42,6 +42,7 @@ from ..inference.accelerators.code_gradients import unsupported_reason as code_u
 from ..inference.accelerators.mlp_gradients import MLPGradients, unsupported_reason
 from ..inference.discrete import _unwrap
 from ..inference.estimators import AVG_BASELINE_PARAM, Draw, Estimator
+from ..inference.precision import fast_product_precision
 from ..inference.program import log_weights, param_scope, running_estimator, trace_program
 from ..models.vae import VAE
 from ..registry import ESTIMATORS
@@ -57,6 +58,24 @@ PRECISIONS: dict[str, Callable[[str], Any]] = {
 }
 #: The same, as the dtype of the hand-written products (:mod:`pyro_vae.mlp_gradients`).
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def resolve_precision(precision: str, device: torch.device) -> tuple[str, str]:
+    """``(precision, why)`` for a precision of the draws' products: ``auto`` becomes bf16 where
+    bf16 products are faster than float32's on ``device`` (measured once per process:
+    :func:`~pyro_vae.inference.precision.fast_product_precision`), float32 otherwise; a named
+    one is kept ("asked for").
+
+    Raises:
+        ConfigError: for a precision that is neither ``auto`` nor in :data:`PRECISIONS`.
+    """
+    if precision == "auto":
+        choice, why = fast_product_precision(device)
+        return choice, f"auto: {why}"
+    if precision not in PRECISIONS:
+        raise ConfigError(f"unknown precision {precision!r}; choose from auto, "
+                          f"{', '.join(PRECISIONS)}")
+    return precision, "asked for"
 #: Parameter groups always reported besides the per-layer ones.
 TOP_GROUPS = ("encoder", "decoder", "prior")
 
@@ -165,18 +184,23 @@ class _Moments:
     """
 
     def __init__(self, reference: dict[str, torch.Tensor], groups: dict[str, list[str]],
-                 blocks: bool = False, chunk_bootstrap: bool = False):
+                 blocks: bool = False, chunk_bootstrap: bool = False, block_draws: int = 0):
         self.reference = reference
         self.groups = groups
         self.count = 0
-        #: with ``blocks``, each chunk's summed deviation per parameter and its draw count: the
-        #: bootstrap of the mean gradient's distance to the reference (and its cosine)
-        #: resamples chunks
+        #: with ``blocks`` (an exact reference: the bias is reported) or ``chunk_bootstrap``,
+        #: each block's summed deviation per parameter and its draw count: the bootstrap of
+        #: the mean gradient's distance to the reference (and its cosine) resamples blocks
+        self.bias = blocks
         self.block_sums: dict[str, list[torch.Tensor]] | None = \
             {k: [] for k in reference} if blocks or chunk_bootstrap else None
-        #: the trace's bootstrap resamples chunks too (from per-chunk sums, so nothing is
-        #: computed draw by draw), instead of single draws; for enough chunks only
+        #: the trace's bootstrap resamples blocks too (from per-block sums, so nothing is
+        #: computed draw by draw), instead of single draws; for enough blocks only
         self.chunk_bootstrap = chunk_bootstrap
+        #: a block is filled with chunks until it holds at least this many draws (0: a block
+        #: per chunk), so that the block sums' memory stays bounded whatever R and however the
+        #: draws come (Pyro's path yields them one at a time)
+        self.block_draws = block_draws
         self.block_counts: list[int] = []
         #: per parameter, its block sums' Gram matrix, dots with the reference and |sum|^2
         #: (:func:`_block_parts`)
@@ -199,9 +223,14 @@ class _Moments:
         parts = self.kernel(*args) if self.kernel is not None and n == self.kernel_draws \
             else _chunk_moments(*args, per_draw=not chunked)
         sq_norms, dots = {}, {}
+        # into the open block, or a new one
+        merge = bool(self.block_counts) and self.block_counts[-1] < self.block_draws
         for k, (total, total_sq, sq_norm, dot) in zip(names, parts):
             if self.block_sums is not None:
-                self.block_sums[k].append(total.reshape(-1).float().clone())
+                if merge:
+                    self.block_sums[k][-1] += total.reshape(-1).float()
+                else:
+                    self.block_sums[k].append(total.reshape(-1).float().clone())
             if chunked:  # the chunk's sum of squares over its draws, from the per-parameter
                 sq_norm = total_sq.sum().reshape(1)  # sums (its dots come from block_sums)
             self.sum[k] += total.double().view_as(self.sum[k])
@@ -210,11 +239,18 @@ class _Moments:
             if not chunked:
                 dots[k] = dot.double()
         for group, members in self.groups.items():
-            self.sq_dev[group].append(sum(sq_norms[k] for k in members))
+            sq = sum(sq_norms[k] for k in members)
+            if chunked and merge:
+                self.sq_dev[group][-1] += sq
+            else:
+                self.sq_dev[group].append(sq)
             if not chunked:
                 self.dot_ref[group].append(sum(dots[k] for k in members))
         self.count += n
-        self.block_counts.append(n)
+        if merge:
+            self.block_counts[-1] += n
+        else:
+            self.block_counts.append(n)
 
 
 #: Parameters per block of :func:`_chunk_moments`: a chunk's block of draws stays in cache
@@ -345,9 +381,11 @@ def _summary(m: _Moments, oracle: dict[str, torch.Tensor], num_bootstrap: int,
             "trace_ci": _interval(trace_b), "mean_variance_ci": _interval(trace_b / mean.numel()),
             "_trace_boot": trace_b,  # removed before returning; used for ratio intervals
         }
-        if m.block_sums is not None:  # the bias, and the cosine's interval, by chunks
-            out[group].update(_bias(m, names, ref, trace, boot_generator=generator,
-                                    num_bootstrap=num_bootstrap))
+        if m.block_sums is not None:  # the bias, and the cosine's interval, by blocks
+            bias = _bias(m, names, ref, trace, boot_generator=generator,
+                         num_bootstrap=num_bootstrap)
+            # against a reference that is not exact (a reparametrized mean), only the cosine
+            out[group].update(bias if m.bias else {"cosine_ci": bias["cosine_ci"]})
         else:  # the cosine's interval over single draws
             dot_b = torch.cat(m.dot_ref[group])[boot_idx].mean(1)
             norm2_b = (ref_norm ** 2 + 2 * dot_b + shift2).clamp_min(1e-300)
@@ -394,10 +432,23 @@ def _bias(m: _Moments, names: list[str], ref: torch.Tensor, trace: float,
             "exact_norm": norm_ref}
 
 
-#: Chunks of draws from which the discrete lab bootstraps the trace's interval by chunk: with
-#: fewer, a resample of chunks varies too little (one chunk: not at all), and the interval
-#: resamples single draws.
+#: Chunks of draws from which the lab bootstraps the trace's interval by chunk: with fewer, a
+#: resample of chunks varies too little (one chunk: not at all), and the interval resamples
+#: single draws.
 MIN_BOOTSTRAP_CHUNKS = 20
+#: Most blocks a bootstrap keeps sums for (a vector of all parameters each); beyond, chunks
+#: are merged into larger blocks.
+MAX_BOOTSTRAP_BLOCKS = 100
+
+
+def bootstrap_blocks(num_draws: int, chunk_size: int) -> tuple[bool, int]:
+    """How the lab bootstraps R = ``num_draws`` draws made ``chunk_size`` at a time: whether
+    it resamples blocks of draws (at least :data:`MIN_BOOTSTRAP_CHUNKS` chunks) rather than
+    single draws, and the draws per block (chunks merged so that there are at most
+    :data:`MAX_BOOTSTRAP_BLOCKS`)."""
+    chunks = -(-num_draws // chunk_size)
+    return (chunks >= MIN_BOOTSTRAP_CHUNKS,
+            chunk_size * max(1, -(-chunks // MAX_BOOTSTRAP_BLOCKS)))
 
 
 def _block_weights(blocks: int, num_bootstrap: int, generator: torch.Generator
@@ -861,10 +912,13 @@ def measure_gradient_variance(vae: VAE, x: torch.Tensor, estimators: Sequence[st
             moving-average baseline).
         seed: seeds the noise; the caller's RNG state is restored afterwards.
         vectorized: False measures with a loop over Pyro's ``loss_and_grads`` (slow reference).
-        precision: ``float32`` (the default here), or ``bf16`` (the default of ``pyro-vae
-            variance --draw-precision``): the draws' and the oracle's matrix products in
-            bfloat16 (see :class:`~pyro_vae.inference.accelerators.MLPGradients`; autocast on the
-            ``func`` path). Per-draw gradients then differ from float32 by 0.1-0.4%, which
+        precision: ``float32`` (the default here), ``bf16``, or ``auto`` (the default of
+            ``pyro-vae variance --draw-precision``: bf16 where its products are faster than
+            float32's on x's device, measured; recorded with the reason in the result's
+            ``precision`` and ``precision_choice``): ``bf16`` runs the draws' and the oracle's
+            matrix products in bfloat16 (see
+            :class:`~pyro_vae.inference.accelerators.MLPGradients`; autocast on the ``func``
+            path). Per-draw gradients then differ from float32 by 0.1-0.4%, which
             changes the variances by far less than their intervals (tested).
         temperature, relaxed_density: the relaxation of the relaxed estimators
             (gumbel-softmax, straight-through).
@@ -883,8 +937,7 @@ def measure_gradient_variance(vae: VAE, x: torch.Tensor, estimators: Sequence[st
         raise ConfigError(f"variance needs at least 2 draws, got num_draws = {num_draws}")
     if oracle_draws < 1:
         raise ConfigError(f"oracle_draws must be >= 1, got {oracle_draws}")
-    if precision not in PRECISIONS:
-        raise ConfigError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
+    precision, precision_choice = resolve_precision(precision, x.device)
     discrete = discrete_code(vae, x)
     # ratios are relative to reparam for a continuous code, to score (or the first) for a
     # discrete one, which no reparametrized estimator applies to
@@ -919,11 +972,12 @@ def measure_gradient_variance(vae: VAE, x: torch.Tensor, estimators: Sequence[st
                                          paths=paths)
         oracle_seconds = time.perf_counter() - start
         groups = parameter_groups(list(oracle))
+        by_block, block_draws = bootstrap_blocks(num_draws, chunk_size)
         boots: dict[str, dict[str, torch.Tensor]] = {}
         for name in names:
             est = ESTIMATORS[name]
-            moments = _Moments(oracle, groups, blocks=discrete, chunk_bootstrap=discrete and (
-                num_draws >= MIN_BOOTSTRAP_CHUNKS * chunk_size))
+            moments = _Moments(oracle, groups, blocks=discrete, chunk_bootstrap=by_block,
+                               block_draws=block_draws)
             seconds, start = 0.0, time.perf_counter()
             # exact's draws are the exact gradient itself: in bf16 they would sit 3-4.5% from
             # the float32 oracle, a "bias" that is only rounding
@@ -953,7 +1007,12 @@ def measure_gradient_variance(vae: VAE, x: torch.Tensor, estimators: Sequence[st
                 s["cost_adjusted_variance"] = s["trace"] * seconds / num_draws
             results[name] = {"groups": stats, "seconds_per_draw": seconds / num_draws,
                              "num_particles": max(num_particles, est.min_particles),
-                             "score_function": est.score_function, "path": paths[-1].path}
+                             "score_function": est.score_function, "path": paths[-1].path,
+                             # what the intervals resample: blocks of draws (their number) or
+                             # single draws
+                             "bootstrap": {"trace": "blocks" if by_block else "draws",
+                                           "blocks": len(moments.block_counts)
+                                           if moments.block_sums is not None else 0}}
         for name in names:
             for grp, s in results[name]["groups"].items():
                 ref = results[reference]["groups"][grp]["trace"]
@@ -965,6 +1024,7 @@ def measure_gradient_variance(vae: VAE, x: torch.Tensor, estimators: Sequence[st
             "batch_size": int(x.shape[0]), "ratio_reference": reference,
             "oracle": "exact" if discrete else "reparametrized",
             "groups": {g: len(v) for g, v in groups.items()},
+            "precision": precision, "precision_choice": precision_choice,
             "paths": [p.as_dict() for p in paths]}
 
 
