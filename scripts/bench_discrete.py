@@ -43,8 +43,7 @@ def ms_per_draw(vae, name: str, x: torch.Tensor, draws: int, particles: int, **k
     return 1e3 * (time.perf_counter() - start) / draws
 
 
-def product_flops(bits: int, hidden: int, pixels: int, batch: int, draws: int,
-                  particles: int) -> float:
+def product_flops(hidden: int, pixels: int, batch: int, draws: int, particles: int) -> float:
     """FLOPs of the matrix products the experiment's draws cannot avoid, per checkpoint: the
     per-draw weight gradients of the decoder's last layer (one row per particle and image) and
     of the encoder's first layer (one row per image: its forward pass is shared by the
@@ -98,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
                               num_draws=args.draws, measure_batch=256)
     total = time.perf_counter() - start
     busy = busy_report(before, cpu_ticks(), time.process_time() - cpu, total)
-    flops = len(args.checkpoints) * product_flops(args.bits, args.hidden, 784, 256, args.draws,
+    flops = len(args.checkpoints) * product_flops(args.hidden, 784, 256, args.draws,
                                                   args.particles)
     oracle = sum(m["oracle_seconds"] for m in exp["measurements"])
     draws = sum(r["seconds_per_draw"] * exp["num_draws"]

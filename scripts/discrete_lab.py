@@ -3,7 +3,8 @@
 1. Variance and bias of every discrete estimator at checkpoints of a reference run (10-bit
    code, exact-gradient oracle), through the library's variance lab.
 2. The relaxed estimators' bias and variance against the temperature, at one checkpoint, for
-   both ways of scoring a relaxed code (discrete log-probabilities, Concrete densities).
+   both ways of scoring a relaxed code (discrete log-probabilities, Concrete densities), and
+   REBAR's, whose control variate is the relaxation.
 3. Five epochs of training from the command line for every estimator, on a 32-bit Bernoulli
    code and on a categorical code (exact on codes small enough to enumerate), with the test
    ELBO of the discrete model before training and after every epoch, against steps and
@@ -28,10 +29,10 @@ from pathlib import Path
 
 import torch
 
-UNBIASED = ["score", "score-avg-baseline", "score-nn-baseline", "rloo", "vimco"]
+UNBIASED = ["score", "score-avg-baseline", "score-nn-baseline", "rloo", "vimco", "rebar"]
 RELAXED = ["gumbel-softmax", "straight-through"]
 #: Measured in the lab (the neural baseline exists only in a run trained with it).
-MEASURED = ["score", "score-avg-baseline", "rloo", "vimco", *RELAXED]
+MEASURED = ["score", "score-avg-baseline", "rloo", "vimco", "rebar", *RELAXED]
 
 
 def lab_config(latent_dim: int, hidden: int, estimator: str):
@@ -72,7 +73,9 @@ def temperature_sweep(args, dataset, log) -> list[dict]:
     for density in ("discrete", "concrete"):
         for t in args.temperatures:
             log(f"temperature {t} ({density})")
-            names = RELAXED if density == "discrete" else ["gumbel-softmax"]
+            # REBAR's control variate is the relaxation: unbiased at every temperature, its
+            # variance depends on it
+            names = [*RELAXED, "rebar"] if density == "discrete" else ["gumbel-softmax"]
             res = measure_gradient_variance(vae, x, ["score", *names], num_draws=args.sweep_draws,
                                             num_particles=1, temperature=t,
                                             relaxed_density=density)
@@ -202,7 +205,8 @@ def _temperature_figure(results: dict, folder: Path, plt) -> list[Path]:  # noqa
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for (name, density), style in ((("gumbel-softmax", "discrete"), "o-"),
                                    (("straight-through", "discrete"), "s-"),
-                                   (("gumbel-softmax", "concrete"), "^--")):
+                                   (("gumbel-softmax", "concrete"), "^--"),
+                                   (("rebar", "discrete"), "d-.")):
         rows = [r for r in results["temperature"] if r["estimator"] == name
                 and r["density"] == density]
         t = [r["temperature"] for r in rows]

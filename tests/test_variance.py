@@ -268,6 +268,13 @@ def test_lab_resamples_blocks_of_draws_once_there_are_enough(mnist5k_grey):
     few = measure_gradient_variance(vae, x, ["iwae"], num_draws=100, oracle_draws=10,
                                     num_particles=4)
     assert few["estimators"]["iwae"]["bootstrap"] == {"trace": "draws", "blocks": 0}
+    # from 20 full chunks (R >= 500 at 25 a chunk), at most 100 blocks however large R is
+    from pyro_vae.lab.variance import bootstrap_blocks
+
+    assert bootstrap_blocks(500, 25) == (True, 25) and bootstrap_blocks(499, 25) == (False, 25)
+    for draws in (2501, 10 ** 5):
+        _, per_block = bootstrap_blocks(draws, 25)
+        assert -(-draws // per_block) <= 100 and per_block % 25 == 0
     slow = measure_gradient_variance(vae, x, [], num_draws=40, oracle_draws=10, chunk_size=2,
                                      vectorized=False)
     assert slow["estimators"]["reparam"]["bootstrap"] == {"trace": "blocks", "blocks": 20}
@@ -288,3 +295,28 @@ def test_auto_precision_takes_bf16_only_where_its_products_are_faster(monkeypatc
     assert resolve_precision("float32", torch.device("cpu")) == ("float32", "asked for")
     with pytest.raises(ConfigError, match="unknown precision 'fp8'"):
         resolve_precision("fp8", torch.device("cpu"))
+
+
+def test_block_cosine_interval_covers_the_mean_gradients_cosine():
+    # draws g = ref + bias + N(0, s^2 I) with the noise of the mean comparable to the bias:
+    # the sample cosine is pulled below cos(E g, ref) by the mean's noise, and a resampled
+    # mean's by twice as much; the (reflected) interval must still cover the true cosine
+    from pyro_vae.lab.variance import _Moments, _summary
+
+    torch.manual_seed(0)
+    ref = {"a.weight": torch.randn(10, 20)}
+    bias = {"a.weight": 0.3 * torch.randn(10, 20)}
+    s, r, chunk = 8.0, 1000, 25
+    mean = ref["a.weight"] + bias["a.weight"]
+    truth = float((mean * ref["a.weight"]).sum() / (mean.norm() * ref["a.weight"].norm()))
+    covered = 0
+    for seed in range(20):
+        gen = torch.Generator().manual_seed(seed)
+        for exact in (True, False):
+            m = _Moments(ref, {"a": ["a.weight"]}, blocks=exact, chunk_bootstrap=True,
+                         block_draws=chunk)
+            for _ in range(r // chunk):
+                m.add({"a.weight": mean + s * torch.randn(chunk, 10, 20, generator=gen)})
+            lo, hi = _summary(m, ref, 500, torch.Generator().manual_seed(seed))["a"]["cosine_ci"]
+            covered += lo <= truth <= hi
+    assert covered >= 34  # of 40; percentiles of the resampled cosines covered it 0 times

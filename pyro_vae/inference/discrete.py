@@ -246,7 +246,24 @@ def relaxed(fn: Callable, temperature: float, straight_through: bool = False,
     return run
 
 
-class RelaxedELBO(Trace_ELBO):
+class _Annealed:
+    """A Concrete temperature that can fall geometrically over training (:meth:`set_progress`,
+    called by the trainer before each step)."""
+
+    def _set_temperature(self, temperature: float, temperature_final: float) -> None:
+        self.initial_temperature = float(temperature)
+        self.temperature_final = float(temperature_final)
+        self.temperature = float(temperature)
+
+    def set_progress(self, fraction: float) -> None:
+        """Set the temperature for the step at ``fraction`` (0 at the first, 1 at the last)
+        of training: tau_0 (tau_final / tau_0)^fraction, or constant without annealing."""
+        if self.temperature_final > 0:
+            ratio = self.temperature_final / self.initial_temperature
+            self.temperature = self.initial_temperature * ratio ** min(max(fraction, 0.0), 1.0)
+
+
+class RelaxedELBO(_Annealed, Trace_ELBO):
     """Trace_ELBO of the relaxed program (the relaxed objective; see the module docstring).
 
     Args:
@@ -261,17 +278,8 @@ class RelaxedELBO(Trace_ELBO):
                  straight_through: bool = False, density: str = "discrete", **kwargs: Any):
         super().__init__(**kwargs)
         self.density = density
-        self.initial_temperature = float(temperature)
-        self.temperature_final = float(temperature_final)
-        self.temperature = float(temperature)
+        self._set_temperature(temperature, temperature_final)
         self.straight_through = straight_through
-
-    def set_progress(self, fraction: float) -> None:
-        """Set the temperature for the step at ``fraction`` (0 at the first, 1 at the last)
-        of training: tau_0 (tau_final / tau_0)^fraction, or constant without annealing."""
-        if self.temperature_final > 0:
-            ratio = self.temperature_final / self.initial_temperature
-            self.temperature = self.initial_temperature * ratio ** min(max(fraction, 0.0), 1.0)
 
     def _get_trace(self, model, guide, args, kwargs):  # noqa: ANN001 - Pyro's signature
         how = (self.temperature, self.straight_through, self.density)
@@ -421,6 +429,147 @@ class RLOO_ELBO(_MultiSample):
 
 
 # -- exact enumeration ----------------------------------------------------------------------------
+# -- REBAR: the relaxation as a control variate of the score function ----------------------------
+def rebar_hard_code(q: torch.distributions.Distribution, uniforms: torch.Tensor) -> torch.Tensor:
+    """The code that :func:`concrete_sample` of ``uniforms`` rounds to at every temperature
+    (the sign of its logit, or the argmax of its Gumbel-perturbed logits): a sample of q."""
+    base, _ = _unwrap(q)
+    u = clamp_probs(uniforms)
+    if isinstance(base, torch.distributions.OneHotCategorical):
+        scores = base.logits - base.logits.logsumexp(-1, keepdim=True) + -((-(u.log())).log())
+        return (scores == scores.amax(-1, keepdim=True)).to(scores.dtype)
+    probs = clamp_probs(base.probs)
+    return (u.log() - (-u).log1p() + probs.log() - (-probs).log1p() > 0).to(probs.dtype)
+
+
+def conditional_concrete(q: torch.distributions.Distribution, hard: torch.Tensor,
+                         uniforms: torch.Tensor, temperature: float) -> torch.Tensor:
+    """A Concrete sample of q at ``temperature`` conditioned on rounding to ``hard``, from fresh
+    ``uniforms``, reparametrized in q's logits with the code held fixed (REBAR's z~ | b).
+
+    Bernoulli units: the logistic noise is drawn from the part of (0, 1) that gives ``hard``
+    (above 1 - p for a 1, below it for a 0). One-hot groups: with normalized logits the largest
+    perturbed logit is a standard Gumbel, and every other one a Gumbel at its logit truncated
+    below it (the inverse of its CDF, in a stable log-add form)."""
+    base, _ = _unwrap(q)
+    v = clamp_probs(uniforms)
+    if isinstance(base, torch.distributions.OneHotCategorical):
+        logits = base.logits - base.logits.logsumexp(-1, keepdim=True)
+        top = (-((-(v.log())).log()) * hard).sum(-1, keepdim=True)  # the chosen one's Gumbel
+        others = -torch.logaddexp(-logits + (-(v.log())).log(), -top)
+        scores = torch.where(hard > 0, top, others) / temperature
+        return clamp_probs((scores - scores.logsumexp(-1, keepdim=True)).exp())
+    probs = clamp_probs(base.probs)
+    truncated = hard * (1 - probs + v * probs) + (1 - hard) * (v * (1 - probs))
+    return concrete_sample(q, truncated, temperature)
+
+
+def rebar_surrogate(log_w: torch.Tensor, log_p: torch.Tensor, log_q: torch.Tensor,
+                    relaxed: torch.Tensor, conditional: torch.Tensor, eta: float = 1.0
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mean ELBO estimate and REBAR's surrogate per image from ``(K, batch)`` log-weights,
+    model and guide log-densities of the codes, and the relaxed signals (log p~ - log q~) at
+    the free and the conditional Concrete samples (:class:`REBAR_ELBO`)."""
+    signal = (log_w - eta * conditional).detach()
+    return log_w.mean(0), (log_p + signal * log_q + eta * (relaxed - conditional)).mean(0)
+
+
+class _RebarNoise(Messenger):
+    """At each discrete latent sample site (of a guide): draw two sets of uniforms (u, v) in one
+    ``torch.rand`` call, take the code u rounds to as the site's value, and keep (u, v, code)
+    by site name for the relaxed signals."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.draws: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    def _pyro_sample(self, msg: dict[str, Any]) -> None:
+        fn = msg["fn"]
+        if msg["is_observed"] or msg["infer"].get("_do_not_trace") or is_subsample(fn) \
+                or not is_discrete(fn):
+            return
+        base, _ = _unwrap(fn)
+        u, v = torch.rand((2, *fn.shape()), device=base.logits.device)
+        code = rebar_hard_code(fn, u).detach()
+        msg["value"] = code
+        self.draws[msg["name"]] = (u, v, code)
+
+
+class REBAR_ELBO(_Annealed, _MultiSample):
+    """REBAR (Tucker et al. 2017): the score-function gradient of the ELBO with the Concrete
+    relaxation as its control variate, unbiased at every temperature.
+
+    Per sample: uniforms u give the code b (sampled from q) and the relaxed sample z = the
+    Concrete sample of u; fresh uniforms v give z~, a Concrete sample conditioned on rounding
+    to b. With f the ELBO's signal log p(x, b) - log q(b) and c the relaxed one (log p~ - log
+    q~ at a relaxed code, the relaxed program's; :data:`RELAXED_DENSITIES`), the surrogate per
+    image, averaged over the K samples, is
+
+        log p(x, b) + [f - eta c(z~)]_detached log q(b) + eta (c(z) - c(z~)).
+
+    E[c(z~) grad log q(b) + grad c(z~)] = grad E[c(z)] = E[grad c(z)], so the last two terms
+    take the control variate's expectation back out: unbiased for any eta and temperature
+    (eta = 1 here). The decoder's and the prior's gradients get eta (grad c(z) - grad c(z~)),
+    whose mean is zero (z and z~ have the same distribution). The objective is the ELBO.
+    """
+
+    def __init__(self, temperature: float = 1.0, temperature_final: float = 0.0,
+                 density: str = "discrete", eta: float = 1.0, num_particles: int = 1):
+        ELBO.__init__(self, num_particles=num_particles, max_plate_nesting=1,
+                      vectorize_particles=True)
+        if density not in RELAXED_DENSITIES:
+            raise ConfigError(f"unknown relaxed density {density!r}; choose one of: "
+                              f"{', '.join(RELAXED_DENSITIES)}")
+        self._set_temperature(temperature, temperature_final)
+        self.density = density
+        self.eta = float(eta)
+
+    def _get_trace(self, model, guide, args, kwargs):  # noqa: ANN001 - Pyro's signature
+        # model and guide are already vectorized over the particles: the noise messenger sits
+        # outside that plate, so it sees each site's full (particles, batch) shape
+        self._noise, self._model = _RebarNoise(), model
+
+        def noisy_guide(*a: Any, **k: Any) -> Any:
+            with self._noise:
+                return guide(*a, **k)
+
+        return pyro.infer.enum.get_importance_trace("flat", self.max_plate_nesting, model,
+                                                    noisy_guide, args, kwargs)
+
+    def _relaxed_signal(self, guide_trace: poutine.Trace, conditional: bool, args: tuple,
+                        kwargs: dict) -> torch.Tensor:
+        """log p~(x, z) - log q~(z) per sample and image, ``(K, batch)``, at the free (or the
+        conditional) Concrete samples: the relaxed program replayed at them."""
+        soft = poutine.Trace()
+        for name, node in guide_trace.nodes.items():
+            node = {k: v for k, v in node.items()
+                    if k not in ("log_prob", "unscaled_log_prob", "log_prob_sum", "score_parts")}
+            if name in self._noise.draws:
+                u, v, code = self._noise.draws[name]
+                q = node["fn"]
+                node["value"] = conditional_concrete(q, code, v, self.temperature) \
+                    if conditional else concrete_sample(q, u, self.temperature)
+                node["fn"] = relax(q, self.temperature, density=self.density)
+            soft.add_node(name, **node)
+        soft.compute_log_prob()
+        model = relaxed(self._model, self.temperature, density=self.density)
+        model_trace = poutine.trace(poutine.replay(model, trace=soft)).get_trace(*args, **kwargs)
+        model_trace.compute_log_prob()
+        return importance_parts(model_trace, soft, self.num_particles)[0]
+
+    def _losses(self, model, guide, args, kwargs):  # noqa: ANN001
+        log_w, log_p, log_q, scale = self._parts(model, guide, args, kwargs)
+        relaxed_z, conditional_z = (self._relaxed_signal(self._guide_trace, c, args, kwargs)
+                                    for c in (False, True))
+        value, surrogate = rebar_surrogate(log_w, log_p, log_q, relaxed_z, conditional_z,
+                                           self.eta)
+        return -(value.detach() * scale).sum(), -(surrogate * scale).sum()
+
+    def _parts(self, model, guide, args, kwargs):  # noqa: ANN001
+        model_trace, self._guide_trace = next(self._get_traces(model, guide, args, kwargs))
+        return importance_parts(model_trace, self._guide_trace, self.num_particles)
+
+
 class ExactELBO(ELBO):
     """The ELBO summed exactly over the table of all codes (an explicit sum, not TraceEnum):
 

@@ -31,15 +31,19 @@ from ..errors import ConfigError
 from ..registry import ESTIMATORS, PRIORS
 from .discrete import (
     MAX_EXACT_CODES,
+    REBAR_ELBO,
     RLOO_ELBO,
     VIMCO_ELBO,
     ExactELBO,
     RelaxedELBO,
     _unwrap,
     concrete_sample,
+    conditional_concrete,
     importance_parts,
     is_discrete,
     num_codes,
+    rebar_hard_code,
+    rebar_surrogate,
     relax,
     rloo_surrogate,
     straight_through_code,
@@ -333,6 +337,11 @@ def _rloo_elbo(cfg: Config) -> ELBO:
     return RLOO_ELBO(num_particles=cfg.train.num_particles or ESTIMATORS["rloo"].default_particles)
 
 
+def _rebar_elbo(cfg: Config) -> ELBO:
+    return REBAR_ELBO(cfg.train.temperature, cfg.train.temperature_final,
+                      density=cfg.train.relaxed_density, num_particles=cfg.train.num_particles or 1)
+
+
 def _relaxed_elbo(cfg: Config, straight_through: bool = False) -> ELBO:
     return RelaxedELBO(cfg.train.temperature, cfg.train.temperature_final,
                        straight_through=straight_through, density=cfg.train.relaxed_density,
@@ -451,6 +460,24 @@ def _draw_gumbel_softmax(d: Draw) -> torch.Tensor:
 
 def _draw_straight_through(d: Draw) -> torch.Tensor:
     return _draw_relaxed(d, True)
+
+
+def _draw_rebar(d: Draw) -> torch.Tensor:
+    # REBAR_ELBO's surrogate, per image: the noise is (u, v), the code is what u rounds to
+    u, v = d.eps[0], d.eps[1]
+    code = rebar_hard_code(d.q, u).detach()
+    q_r = relax(d.q, d.temperature, density=d.relaxed_density)
+    p_r = relax(d.prior, d.temperature, density=d.relaxed_density)
+
+    def relaxed_signal(z: torch.Tensor) -> torch.Tensor:
+        return d.decoder(z).log_prob(d.x) + p_r.log_prob(z) - q_r.log_prob(z)
+
+    log_q = d.q.log_prob(code)
+    log_p = d.log_joint(code)
+    _, surrogate = rebar_surrogate(
+        log_p - log_q, log_p, log_q, relaxed_signal(concrete_sample(d.q, u, d.temperature)),
+        relaxed_signal(conditional_concrete(d.q, code, v, d.temperature)))
+    return -surrogate.mean()
 
 
 def _draw_iwae(d: Draw) -> torch.Tensor:
@@ -687,6 +714,10 @@ ESTIMATORS.update({
                             "backward at --temperature (biased); discrete codes",
         _straight_through_elbo, draw_loss=_draw_straight_through, surrogate="relaxed",
         requires="discrete"),
+    "rebar": Estimator(
+        "rebar", "REBAR (Tucker et al. 2017): score function with the Concrete relaxation at "
+                 "--temperature as control variate (unbiased); discrete codes",
+        _rebar_elbo, draw_loss=_draw_rebar, surrogate="rebar", requires="discrete"),
     "exact": Estimator(
         "exact", "exact ELBO and gradient by summing over every code (at most 4096 codes)",
         _exact_elbo, surrogate="exact", requires="enumerable"),

@@ -51,37 +51,41 @@ def precision_context(precision: str, device: torch.device) -> Iterator[None]:
 _FAST: dict[str, tuple[str, str]] = {}
 
 
-def _product_seconds(dtype: torch.dtype, device: torch.device, size: int = 256) -> float:
-    """Seconds per ``size``-cubed matrix product in ``dtype`` on ``device``: two warm-up
-    products (a library's first call sets up its kernels), then repeats for at least 10 ms."""
-    a = torch.randn(size, size, device=device).to(dtype)
-    b = torch.randn(size, size, device=device).to(dtype)
-
-    def sync() -> None:
+def _product_seconds(dtype: torch.dtype, device: torch.device, size: int) -> float:
+    """Seconds of one ``size``-cubed matrix product in ``dtype`` on ``device`` (its inputs made
+    beforehand, autocast off)."""
+    with torch.autocast(device.type, enabled=False):
+        a = torch.randn(size, size, device=device).to(dtype)
+        b = torch.randn(size, size, device=device).to(dtype)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-
-    a @ b, a @ b
-    sync()
-    start, repeats = time.perf_counter(), 0
-    while repeats < 3 or (time.perf_counter() - start < 0.01 and repeats < 200):
+        start = time.perf_counter()
         a @ b
-        repeats += 1
-        sync()
-    return (time.perf_counter() - start) / repeats
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - start
 
 
 def fast_product_precision(device: torch.device | str = "cpu") -> tuple[str, str]:
     """``("bf16" | "float32", why)``: bf16 where its matrix products run faster than float32's
-    on ``device``, float32 otherwise (measured once per process and device, a few tens of
-    milliseconds). A CPU without native bf16 products (AVX2 only: no AVX512-BF16, no AMX) runs
+    on ``device``, float32 otherwise (measured once per process and device: a fraction of a
+    second). A CPU without native bf16 products (AVX2 only: no AVX512-BF16, no AMX) runs
     them tens of times slower than float32, so bf16 must be chosen by measuring, not assumed."""
     device = torch.device(device)
     key = str(device)
     if key not in _FAST:
-        size = 256
-        f32 = _product_seconds(torch.float32, device, size)
-        bf16 = _product_seconds(torch.bfloat16, device, size)
+        # large enough on a GPU that launches and syncs do not hide the arithmetic; on a CPU
+        # small enough that a bf16 product without hardware support takes tens of ms. The two
+        # dtypes alternate and each keeps its fastest of several products (after one warm-up
+        # each), so a moment of contention on a shared machine cannot decide
+        size = 2048 if device.type == "cuda" else 256
+        times: dict[torch.dtype, list[float]] = {torch.float32: [], torch.bfloat16: []}
+        for trial in range(6):
+            for dtype in times:
+                seconds = _product_seconds(dtype, device, size)
+                if trial:
+                    times[dtype].append(seconds)
+        f32, bf16 = min(times[torch.float32]), min(times[torch.bfloat16])
         rate = lambda s: 2 * size**3 / max(s, 1e-12) / 1e9  # noqa: E731 - GFLOP/s
         choice = "bf16" if bf16 < 0.8 * f32 else "float32"
         _FAST[key] = (choice, f"bf16 products {rate(bf16):.0f} GFLOP/s against float32's "

@@ -121,13 +121,16 @@ def discrete_noise(vae: VAE, estimator: Estimator, x: torch.Tensor, draws: int,
     """The noise of ``draws`` draws, ``(draws, particles, batch, *event)``: codes sampled from
     q(z|x) for the score-function estimators (``q.sample()`` on q expanded: one draw's codes
     are the numbers Pyro's guide draws from the same RNG state), uniforms for the relaxed
-    ones."""
+    ones, and for REBAR two sets of uniforms, ``(draws, 2, particles, batch, *event)``."""
     # q in float32 whatever autocast the caller runs under: codes drawn from bf16-rounded
     # probabilities would not be q's, which scores them in float32
     with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
         q = vae.encoder(x)
         if estimator.surrogate == "relaxed":
             return torch.rand(draws, particles, *q.batch_shape, *q.event_shape, device=x.device)
+        if estimator.surrogate == "rebar":  # two sets of uniforms per draw, as REBAR_ELBO's
+            return torch.rand(draws, 2, particles, *q.batch_shape, *q.event_shape,
+                              device=x.device)
         return q.expand(torch.Size((draws, particles, *q.batch_shape))).sample()
 
 

@@ -424,11 +424,16 @@ def _bias(m: _Moments, names: list[str], ref: torch.Tensor, trace: float,
     rel_interval = [max(2 * shift2 - hi2, 0.0) ** 0.5 / norm_ref,
                     max(2 * shift2 - lo2, 0.0) ** 0.5 / norm_ref]
     cos_b = (ref2 + dot_b) / ((ref2 + 2 * dot_b + shift2_b).clamp_min(1e-300).sqrt() * norm_ref)
+    # reflected too: a resampled mean is noisier than the mean, so its cosine sits lower
+    cosine = (ref2 + dots.sum().item() / r) / max((ref2 + 2 * dots.sum().item() / r
+                                                   + shift2) ** 0.5 * norm_ref, 1e-300)
+    lo_c, hi_c = _interval(cos_b)
+    cos_interval = [max(2 * cosine - hi_c, -1.0), min(2 * cosine - lo_c, 1.0)]
     return {"relative_error": shift2 ** 0.5 / norm_ref,
             "relative_error_ci": rel_interval,
             "noise_floor": (trace / r) ** 0.5 / norm_ref,
             "relative_bias": max(shift2 - trace / r, 0.0) ** 0.5 / norm_ref,
-            "cosine_ci": _interval(cos_b),
+            "cosine_ci": cos_interval,
             "exact_norm": norm_ref}
 
 
@@ -447,7 +452,7 @@ def bootstrap_blocks(num_draws: int, chunk_size: int) -> tuple[bool, int]:
     single draws, and the draws per block (chunks merged so that there are at most
     :data:`MAX_BOOTSTRAP_BLOCKS`)."""
     chunks = -(-num_draws // chunk_size)
-    return (chunks >= MIN_BOOTSTRAP_CHUNKS,
+    return (num_draws // chunk_size >= MIN_BOOTSTRAP_CHUNKS,  # full chunks: R >= 20 x size
             chunk_size * max(1, -(-chunks // MAX_BOOTSTRAP_BLOCKS)))
 
 

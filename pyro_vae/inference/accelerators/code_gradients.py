@@ -213,6 +213,11 @@ class CodeGradients:
                 return _Given(z.new_zeros(z.shape[:-code_dims]))
 
             run(logits, rest, noise, record)
+            # the same input any number of times (the score function's log p(x, z) is read
+            # twice), never several (REBAR: at the code and at two relaxed samples)
+            if any(z is not box[0] for z in box):
+                raise ValueError(f"the estimator's draw runs the decoder at {len(box)} inputs; "
+                                 f"the kernel reproduces one")
             return box[0]
 
         def linearised(logits: torch.Tensor, rest: dict[str, torch.Tensor], ll: torch.Tensor,
@@ -348,6 +353,10 @@ class CodeGradients:
         return bool((g != 0).any())
 
     def _draws(self, noise: torch.Tensor, size: int) -> Iterator[dict[str, torch.Tensor]]:
+        if noise.dim() != 3 + len(self.event_shape) or noise.shape[2] != self.x.shape[0]:
+            raise ValueError(f"noise of shape {tuple(noise.shape)} is not (draws, particles, "
+                             f"batch, *event): the kernel reproduces one code or one set of "
+                             f"uniforms per unit and draw")
         n, k, b = noise.shape[:3]
         with torch.no_grad():
             if self._sees_noise:  # checked on the first chunk: the code is the noise itself
