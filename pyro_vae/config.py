@@ -200,13 +200,15 @@ class TrainConfig:
                                        "densities and sums in float32",
                             choices=["float32", "bf16"])
     temperature: float = option(1.0, "temperature of the Concrete relaxation of the "
-                                     "gumbel-softmax and straight-through estimators (at the "
-                                     "first step, when annealed)", check=_positive, need="> 0")
+                                     "gumbel-softmax and straight-through estimators and of "
+                                     "rebar's control variate (at the first step, when "
+                                     "annealed)", check=_positive, need="> 0")
     temperature_final: float = option(0.0, "anneal the temperature geometrically from "
                                            "--temperature to this value at the last step "
                                            "(0: constant)", check=_non_negative, need=">= 0")
-    relaxed_density: str = option("discrete", "how gumbel-softmax and straight-through score "
-                                              "a relaxed code: discrete (the units' "
+    relaxed_density: str = option("discrete", "how gumbel-softmax, straight-through and "
+                                              "rebar's control variate score a relaxed "
+                                              "code: discrete (the units' "
                                               "log-probabilities, linear in the code) or "
                                               "concrete (the Concrete densities; relaxed "
                                               "objective of Maddison et al.)",

@@ -312,7 +312,9 @@ class _MultiSample(ELBO):
             return self._losses(model, guide, args, kwargs)[0].item()
 
     def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:  # noqa: ANN001
-        return self._losses(model, guide, args, kwargs)[1]
+        # the loss's value (minus the objective) with the surrogate's gradient
+        loss, surrogate = self._losses(model, guide, args, kwargs)
+        return loss + (surrogate - surrogate.detach())
 
     def loss_and_grads(self, model, guide, *args, **kwargs) -> float:  # noqa: ANN001
         loss, surrogate = self._losses(model, guide, args, kwargs)
@@ -559,6 +561,13 @@ class REBAR_ELBO(_Annealed, _MultiSample):
 
     def _losses(self, model, guide, args, kwargs):  # noqa: ANN001
         log_w, log_p, log_q, scale = self._parts(model, guide, args, kwargs)
+        if len(self._noise.draws) != 1:
+            # with a second discrete site whose q depends on the first's code, the relaxed
+            # replay would keep that q (built from the hard code): its gradient would miss the
+            # jumps of the code, a bias (layer-wise REBAR is not implemented)
+            raise ConfigError(f"rebar handles a guide with one discrete latent site; this one "
+                              f"has {len(self._noise.draws)}: "
+                              f"{', '.join(self._noise.draws) or 'none'}")
         relaxed_z, conditional_z = (self._relaxed_signal(self._guide_trace, c, args, kwargs)
                                     for c in (False, True))
         value, surrogate = rebar_surrogate(log_w, log_p, log_q, relaxed_z, conditional_z,
