@@ -565,18 +565,31 @@ class REBAR_ELBO(_Annealed, _MultiSample):
             # with a second discrete site whose q depends on the first's code, the relaxed
             # replay would keep that q (built from the hard code): its gradient would miss the
             # jumps of the code, a bias (layer-wise REBAR is not implemented)
+            sites = list(self._noise.draws)
+            self._forget()
             raise ConfigError(f"rebar handles a guide with one discrete latent site; this one "
-                              f"has {len(self._noise.draws)}: "
-                              f"{', '.join(self._noise.draws) or 'none'}")
+                              f"has {len(sites)}: {', '.join(sites) or 'none'}")
         relaxed_z, conditional_z = (self._relaxed_signal(self._guide_trace, c, args, kwargs)
                                     for c in (False, True))
         value, surrogate = rebar_surrogate(log_w, log_p, log_q, relaxed_z, conditional_z,
                                            self.eta)
+        self._forget()
         return -(value.detach() * scale).sum(), -(surrogate * scale).sum()
 
     def _parts(self, model, guide, args, kwargs):  # noqa: ANN001
         model_trace, self._guide_trace = next(self._get_traces(model, guide, args, kwargs))
         return importance_parts(model_trace, self._guide_trace, self.num_particles)
+
+    def loss(self, model, guide, *args, **kwargs) -> float:  # noqa: ANN001
+        # the value needs the codes' log-weights only, not the two relaxed replays
+        with torch.no_grad():
+            log_w, _, _, scale = self._parts(model, guide, args, kwargs)
+            self._forget()
+            return -(log_w.mean(0) * scale).sum().item()
+
+    def _forget(self) -> None:
+        """Drop the step's traces and noise, kept between the calls of one step only."""
+        self._guide_trace = self._noise = self._model = None
 
 
 class ExactELBO(ELBO):

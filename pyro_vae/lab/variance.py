@@ -76,6 +76,8 @@ def resolve_precision(precision: str, device: torch.device) -> tuple[str, str]:
         raise ConfigError(f"unknown precision {precision!r}; choose from auto, "
                           f"{', '.join(PRECISIONS)}")
     return precision, "asked for"
+
+
 #: Parameter groups always reported besides the per-layer ones.
 TOP_GROUPS = ("encoder", "decoder", "prior")
 
